@@ -1,0 +1,1 @@
+"""The hook engine, built on diffusers' ModelHook/HookRegistry."""

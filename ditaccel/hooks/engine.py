@@ -1,0 +1,187 @@
+"""The engine: one per accelerated transformer. It owns the step clock, the installed methods
+and the statistics, and runs them around every transformer call through one top-level hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from ..adapters.base import ModelAdapter, read_arg
+from ..errors import CompositionError
+from .attach import attach_hook, detach_hook
+from .flops import FlopProfile, FlopProfiler
+from .method import InstalledMethod
+from .step_clock import StepClock, StepInfo
+
+TRANSFORMER_HOOK = "engine"
+
+
+@dataclass
+class CallState:
+    """One transformer call as the methods see it."""
+
+    info: StepInfo
+    args: tuple
+    kwargs: dict
+    profile: FlopProfile | None = None
+    profiler: FlopProfiler | None = None
+    skipped_flops: float = 0.0
+    scratch: dict = field(default_factory=dict)
+
+
+class _TransformerHook(ModelHook):
+    def __init__(self, engine: "Engine"):
+        super().__init__()
+        self.engine = engine
+
+    def new_forward(self, module, *args, **kwargs):
+        call = self.engine.begin_call(args, kwargs)
+        if call.profiler is not None:
+            with call.profiler:
+                output = self.fn_ref.original_forward(*call.args, **call.kwargs)
+            self.engine.record_profile(call)
+        else:
+            output = self.fn_ref.original_forward(*call.args, **call.kwargs)
+        return self.engine.end_call(call, output)
+
+
+class Engine:
+    def __init__(self, adapter: ModelAdapter, pipeline=None, count_flops: bool = True):
+        self.adapter = adapter
+        self.model: nn.Module = adapter.model
+        self.pipeline = pipeline
+        self.clock = StepClock(pipeline)
+        self.methods: list[InstalledMethod] = []
+        self.count_flops = count_flops
+        self.current_call: CallState | None = None
+        self._profiles: dict[Any, FlopProfile] = {}
+        self._signature = None
+        self._hook_attached = False
+        self.totals = {"generations": 0, "steps": 0, "transformer_calls": 0, "flops_full": 0.0, "flops_skipped": 0.0}
+
+    # -- install / remove (transactional) -------------------------------------------------------
+    def install(self, methods: list[InstalledMethod]) -> None:
+        owners: dict[tuple[str, int], tuple[str, str]] = {}
+        for method in methods:
+            for kind, module, module_name in method.claims():
+                key = (kind, id(module))
+                if key in owners and owners[key][0] != method.name:
+                    other = owners[key][0]
+                    raise CompositionError(
+                        f"{method.name} and {other} both want to be the {kind} of {module_name!r}. "
+                        f"One module can have one {kind}: drop one of them, or restrict their block/layer "
+                        "ranges so they do not overlap."
+                    )
+                if key in owners:
+                    raise CompositionError(f"{method.name} was given twice for the {kind} of {module_name!r}.")
+                owners[key] = (method.name, module_name)
+        installed: list[InstalledMethod] = []
+        try:
+            attach_hook(self.model, _TransformerHook(self), TRANSFORMER_HOOK)
+            self._hook_attached = True
+            for method in methods:
+                method.install()
+                installed.append(method)
+        except BaseException:
+            for method in reversed(installed):
+                method.remove()
+            if self._hook_attached:
+                detach_hook(self.model, TRANSFORMER_HOOK)
+                self._hook_attached = False
+            raise
+        self.methods = installed
+
+    def remove(self) -> None:
+        for method in reversed(self.methods):
+            method.remove()
+        self.methods = []
+        if self._hook_attached:
+            detach_hook(self.model, TRANSFORMER_HOOK)
+            self._hook_attached = False
+        self.current_call = None
+
+    # -- per call ---------------------------------------------------------------------------------
+    def _signature_of(self, args: tuple, kwargs: dict):
+        hidden = read_arg(self.model, self.adapter.hidden_arg, args, kwargs)
+        encoder = read_arg(self.model, "encoder_hidden_states", args, kwargs)
+        return (
+            tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
+            hidden.dtype if isinstance(hidden, torch.Tensor) else None,
+            tuple(encoder.shape) if isinstance(encoder, torch.Tensor) else None,
+        )
+
+    def begin_call(self, args: tuple, kwargs: dict) -> CallState:
+        signature = self._signature_of(args, kwargs)
+        timestep = read_arg(self.model, self.adapter.timestep_arg, args, kwargs)
+        info = self.clock.tick(timestep, signature)
+        if info.reset:
+            for method in self.methods:
+                method.reset()
+        call = CallState(info=info, args=args, kwargs=kwargs)
+        if self.count_flops:
+            call.profile = self._profiles.get(signature)
+            if call.profile is None:
+                call.profiler = FlopProfiler(self._profiled_modules())
+        self._signature = signature
+        self.current_call = call
+        t = self.totals
+        t["transformer_calls"] += 1
+        if info.new_generation:
+            t["generations"] += 1
+        if info.branch == 0:
+            t["steps"] += 1
+        for method in self.methods:
+            method.begin_call(call)
+        return call
+
+    def _profiled_modules(self) -> list[nn.Module]:
+        modules = [block for _, block, _ in self.adapter.blocks()]
+        modules += [attn for _, attn in self.adapter.attention_modules()]
+        return modules
+
+    def record_profile(self, call: CallState) -> None:
+        call.profile = call.profiler.profile()
+        self._profiles[self._signature] = call.profile
+        call.profiler = None
+
+    def end_call(self, call: CallState, output: Any) -> Any:
+        for method in reversed(self.methods):
+            output = method.end_call(call, output)
+        if call.profile is not None:
+            self.totals["flops_full"] += call.profile.total
+            self.totals["flops_skipped"] += min(call.skipped_flops, call.profile.total)
+        self.current_call = None
+        return output
+
+    def flops_of(self, module: nn.Module) -> int:
+        """FLOPs of ``module`` in the current call's profile (0 before the profile exists)."""
+        call = self.current_call
+        if call is None or call.profile is None:
+            return 0
+        return call.profile.of(module)
+
+    # -- stats ------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        for key in self.totals:
+            self.totals[key] = 0 if isinstance(self.totals[key], int) else 0.0
+        for method in self.methods:
+            method.counters.clear()
+
+    def stats(self) -> dict[str, Any]:
+        t = self.totals
+        full = t["flops_full"]
+        return {
+            "family": self.adapter.family,
+            "generations": t["generations"],
+            "steps": t["steps"],
+            "transformer_calls": t["transformer_calls"],
+            "methods": {m.name: m.stats() for m in self.methods},
+            "flops_full": full,
+            "flops_computed": full - t["flops_skipped"],
+            "flops_skipped_fraction": (t["flops_skipped"] / full) if full else 0.0,
+            "bytes_held": int(sum(m.bytes_held() for m in self.methods)),
+        }

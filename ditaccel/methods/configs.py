@@ -1,0 +1,177 @@
+"""Configs of the methods whose implementations live in their own modules.
+
+Each is a frozen, validated dataclass; ``register_method`` in the method's module maps it to its
+apply function. A config whose method is not registered yet fails at ``enable_acceleration`` with
+an error that says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MethodConfig, check_choice, check_float, check_int
+from ..errors import ConfigError, describe
+
+_CACHE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_block_range(name: str, field: str, value) -> None:
+    if value is None:
+        return
+    if (not isinstance(value, tuple) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{name}.{field} must be a (start, stop) tuple of block indices, got {describe(value)}.")
+    if not 0 <= value[0] < value[1]:
+        raise ConfigError(f"{name}.{field} must satisfy 0 <= start < stop, got {value}.")
+
+
+def _check_dtype(name: str, value) -> None:
+    if value not in _CACHE_DTYPES:
+        raise ConfigError(f"{name}.cache_dtype must be one of None, torch.float32, torch.float16, torch.bfloat16; "
+                          f"got {describe(value)}.")
+
+
+@dataclass(frozen=True)
+class DeltaCacheConfig(MethodConfig):
+    """Δ-DiT: cache Δ = output − input of a block range; rear blocks before ``boundary_step``, front after.
+
+    ``threshold`` > 0 turns on the adaptive controller (relative L1 change of the first computed
+    block's residual decides whether the cached range is recomputed).
+    """
+
+    interval: int = 2
+    boundary_step: int | None = None  # default: 40% of the steps
+    front_blocks: tuple[int, int] | None = None  # default from the adapter
+    rear_blocks: tuple[int, int] | None = None
+    warmup_steps: int = 2
+    final_steps: int = 1
+    threshold: float = 0.0
+    max_consecutive_cached: int = 4
+    cache_dtype: torch.dtype | None = None
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_int(n, "interval", self.interval, minimum=1)
+        if self.boundary_step is not None:
+            check_int(n, "boundary_step", self.boundary_step, minimum=0)
+        _check_block_range(n, "front_blocks", self.front_blocks)
+        _check_block_range(n, "rear_blocks", self.rear_blocks)
+        check_int(n, "warmup_steps", self.warmup_steps, minimum=0)
+        check_int(n, "final_steps", self.final_steps, minimum=0)
+        check_float(n, "threshold", self.threshold, minimum=0.0)
+        check_int(n, "max_consecutive_cached", self.max_consecutive_cached, minimum=1)
+        _check_dtype(n, self.cache_dtype)
+
+
+@dataclass(frozen=True)
+class TaylorSeerConfig(MethodConfig):
+    """TaylorSeer: full compute every ``interval`` steps, Taylor forecast of module outputs in between."""
+
+    interval: int = 4
+    order: int = 1
+    warmup_steps: int = 3
+    final_steps: int = 1
+    granularity: str = "module"  # "module" (attention/MLP outputs before the gate) or "block"
+    threshold: float = 0.0  # > 0: adaptive controller on the forecast error
+    max_consecutive_cached: int = 6
+    cache_dtype: torch.dtype | None = None
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_int(n, "interval", self.interval, minimum=1)
+        check_int(n, "order", self.order, minimum=0, maximum=4)
+        check_int(n, "warmup_steps", self.warmup_steps, minimum=0)
+        check_int(n, "final_steps", self.final_steps, minimum=0)
+        check_choice(n, "granularity", self.granularity, ("module", "block"))
+        check_float(n, "threshold", self.threshold, minimum=0.0)
+        check_int(n, "max_consecutive_cached", self.max_consecutive_cached, minimum=1)
+        _check_dtype(n, self.cache_dtype)
+
+
+@dataclass(frozen=True)
+class HarmoniCaConfig(MethodConfig):
+    """A learned step x block cache router (HarmoniCa), loaded from a safetensors file."""
+
+    router: str = ""
+    threshold: float = 0.1
+    forecast: bool = False  # reuse (False) or TaylorSeer forecast (True) on routed steps
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        if not isinstance(self.router, str) or not self.router:
+            raise ConfigError(f"{n}.router must be the path of a router .safetensors file, got {describe(self.router)}. "
+                              "Train one with `ditaccel train-router`.")
+        check_float(n, "threshold", self.threshold, minimum=0.0, maximum=1.0)
+
+
+@dataclass(frozen=True)
+class RASConfig(MethodConfig):
+    """Region-adaptive sampling: only the active fraction of image tokens goes through the model."""
+
+    active_fraction: float = 0.5
+    warmup_steps: int = 4
+    reset_steps: tuple[int, ...] = ()
+    starvation_weight: float = 0.1
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_float(n, "active_fraction", self.active_fraction, minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_int(n, "warmup_steps", self.warmup_steps, minimum=0)
+        if not isinstance(self.reset_steps, tuple) or not all(isinstance(s, int) and s >= 0 for s in self.reset_steps):
+            raise ConfigError(f"{n}.reset_steps must be a tuple of step indices >= 0, got {describe(self.reset_steps)}.")
+        check_float(n, "starvation_weight", self.starvation_weight, minimum=0.0)
+
+
+@dataclass(frozen=True)
+class SVG2Config(MethodConfig):
+    """SVG2: k-means semantic permutation of Q/K per head, top-p key-cluster selection."""
+
+    q_clusters: int = 100
+    k_clusters: int = 500
+    top_p: float = 0.9
+    min_density: float = 0.1
+    kmeans_iters_first: int = 50
+    kmeans_iters: int = 2
+    dense_steps_fraction: float = 0.2
+    dense_layers: int = 1
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_int(n, "q_clusters", self.q_clusters, minimum=1)
+        check_int(n, "k_clusters", self.k_clusters, minimum=1)
+        check_float(n, "top_p", self.top_p, minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_float(n, "min_density", self.min_density, minimum=0.0, maximum=1.0)
+        check_int(n, "kmeans_iters_first", self.kmeans_iters_first, minimum=1)
+        check_int(n, "kmeans_iters", self.kmeans_iters, minimum=1)
+        check_float(n, "dense_steps_fraction", self.dense_steps_fraction, minimum=0.0, maximum=1.0)
+        check_int(n, "dense_layers", self.dense_layers, minimum=0)
+
+
+@dataclass(frozen=True)
+class RettentionConfig(MethodConfig):
+    """Re-ttention: very sparse attention rescaled by the softmax-normaliser ratio, residual refreshed."""
+
+    keep_fraction: float = 0.03
+    refresh_interval: int = 5
+    dense_steps_fraction: float = 0.2
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_float(n, "keep_fraction", self.keep_fraction, minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_int(n, "refresh_interval", self.refresh_interval, minimum=1)
+        check_float(n, "dense_steps_fraction", self.dense_steps_fraction, minimum=0.0, maximum=1.0)
+
+
+@dataclass(frozen=True)
+class CLEARConfig(MethodConfig):
+    """CLEAR: each image token attends to image tokens within ``radius`` on the latent grid, plus all text."""
+
+    radius: float = 8.0
+    dense_steps_fraction: float = 0.0
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_float(n, "radius", self.radius, minimum=0.0, min_inclusive=False)
+        check_float(n, "dense_steps_fraction", self.dense_steps_fraction, minimum=0.0, maximum=1.0)
