@@ -168,6 +168,24 @@ class ModelAdapter:
                     found.append((f"{block_name}.{name}" if name else block_name, module))
         return found
 
+    def compute_modules(self, block: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The heavy submodules of a block whose outputs a per-module cache may reuse or forecast:
+        attention layers and feed-forward networks (TaylorSeer caches their outputs before the gate).
+
+        Families override this through ``extra["compute_module_names"]`` (names of direct children).
+        """
+        names = self.extra.get("compute_module_names")
+        if names is not None:
+            return [(n, getattr(block, n)) for n in names if getattr(block, n, None) is not None]
+        found = []
+        for name, child in block.named_children():
+            cls = type(child).__name__
+            is_attention = hasattr(child, "processor") and hasattr(child, "set_processor")
+            is_mlp = "FeedForward" in cls or name in ("ff", "ff_context", "ffn", "mlp", "feed_forward")
+            if is_attention or is_mlp:
+                found.append((name, child))
+        return found
+
     # -- tokens ---------------------------------------------------------------------------------
     def token_layout(self, args: tuple, kwargs: dict) -> TokenLayout:
         if self.token_layout_fn is None:
