@@ -1,0 +1,1 @@
+"""Attention: dispatch of the core attention of a model's attention layers, references, backends."""
