@@ -6,6 +6,11 @@ On a skipped call, the first block returns input + Δ in the segment's output fo
 other blocks pass their input through, so the model's own forward runs unchanged around them.
 Residuals are kept per CFG branch. This is the plumbing shared by the step caches (plain step
 cache, Δ-Cache, first-block-residual adaptive caches); the decisions come from a policy.
+
+What the model's own loop adds between two blocks of the segment (FLUX/SD3 ControlNet residuals,
+for example) is not part of the blocks' work: on computed calls it is measured (input of block
+i+1 minus output of block i, free when the loop passes the tensor on unchanged) and left out of
+the cached residual, so on skipped calls the loop adds the current step's value exactly once.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from torch import nn
 
 from ..adapters.base import BlockIO, pack_output, read_streams, unpack_output
 from .attach import attach_hook, detach_hook
-
 
 @dataclass
 class _BranchState:
@@ -62,6 +66,8 @@ class SegmentCache:
         self._h_in: torch.Tensor | None = None
         self._e_in: torch.Tensor | None = None
         self._keep = False
+        self._prev_out: tuple | None = None
+        self._glue: list = [None, None]
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -105,6 +111,24 @@ class SegmentCache:
         if not self.skipping:
             self._keep = self.want_residual()
             self._h_in, self._e_in = (h, e) if self._keep else (None, None)
+            self._prev_out = None
+            self._glue = [None, None]
+
+    def track_between(self, io: BlockIO, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """On a computed call, add what the loop changed since the previous block's output."""
+        if not self._keep or self._prev_out is None:
+            return
+        current = read_streams(io, module, args, kwargs)
+        for i in (0, 1):
+            now, before = current[i], self._prev_out[i]
+            if now is None or before is None or now is before or now.shape != before.shape:
+                continue
+            delta = now - before
+            self._glue[i] = delta if self._glue[i] is None else self._glue[i] + delta
+
+    def track_output(self, io: BlockIO, output) -> None:
+        if self._keep:
+            self._prev_out = unpack_output(io, output)
 
     def skipped_output(self, io: BlockIO, h: torch.Tensor, e: torch.Tensor | None):
         st = self.state()
@@ -118,9 +142,12 @@ class SegmentCache:
         h_out, e_out = unpack_output(io, output)
         st = self.state()
         dtype = self.cache_dtype or h_out.dtype
-        st.dh = _residual(h_out, self._h_in, dtype)
-        st.de = _residual(e_out, self._e_in, dtype)
+        glue_h, glue_e = self._glue
+        st.dh = _residual(h_out if glue_h is None else h_out - glue_h, self._h_in, dtype)
+        st.de = _residual(e_out if (glue_e is None or e_out is None) else e_out - glue_e, self._e_in, dtype)
         self._h_in = self._e_in = None
+        self._prev_out = None
+        self._glue = [None, None]
 
     # -- install -------------------------------------------------------------------------------
     def install(self) -> None:
@@ -159,7 +186,11 @@ class _SegmentBlockHook(ModelHook):
         elif seg.skipping:
             h, e = read_streams(self.io, module, args, kwargs)
             return pack_output(self.io, h, e)
+        else:
+            seg.track_between(self.io, module, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_last:
             seg.exit(self.io, output)
+        else:
+            seg.track_output(self.io, output)
         return output
