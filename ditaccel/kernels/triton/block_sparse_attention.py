@@ -61,6 +61,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if d == 128 and tm * tn >= 128 * 128 and c.num_stages > 2:
             continue  # shared memory: keep 128x128 tiles at d=128 to two stages
+        if k_block == 0 and c.num_stages > 2:
+            continue  # variable key clusters use a nested loop that Triton does not pipeline
         out.append(c)
     return out or configs[:1]
 
