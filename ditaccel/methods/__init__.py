@@ -5,9 +5,9 @@ from .configs import (  # noqa: F401
     CLEARConfig,
     DeltaCacheConfig,
     HarmoniCaConfig,
-    RASConfig,
     RettentionConfig,
     SVG2Config,
     TaylorSeerConfig,
 )
+from .ras import RASConfig  # noqa: F401
 from .step_cache import StepCacheConfig  # noqa: F401

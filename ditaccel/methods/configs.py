@@ -107,24 +107,6 @@ class HarmoniCaConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
-class RASConfig(MethodConfig):
-    """Region-adaptive sampling: only the active fraction of image tokens goes through the model."""
-
-    active_fraction: float = 0.5
-    warmup_steps: int = 4
-    reset_steps: tuple[int, ...] = ()
-    starvation_weight: float = 0.1
-
-    def validate(self) -> None:
-        n = type(self).__name__
-        check_float(n, "active_fraction", self.active_fraction, minimum=0.0, maximum=1.0, min_inclusive=False)
-        check_int(n, "warmup_steps", self.warmup_steps, minimum=0)
-        if not isinstance(self.reset_steps, tuple) or not all(isinstance(s, int) and s >= 0 for s in self.reset_steps):
-            raise ConfigError(f"{n}.reset_steps must be a tuple of step indices >= 0, got {describe(self.reset_steps)}.")
-        check_float(n, "starvation_weight", self.starvation_weight, minimum=0.0)
-
-
-@dataclass(frozen=True)
 class SVG2Config(MethodConfig):
     """SVG2: k-means semantic permutation of Q/K per head, top-p key-cluster selection."""
 
