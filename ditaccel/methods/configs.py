@@ -106,54 +106,5 @@ class HarmoniCaConfig(MethodConfig):
         check_float(n, "threshold", self.threshold, minimum=0.0, maximum=1.0)
 
 
-@dataclass(frozen=True)
-class SVG2Config(MethodConfig):
-    """SVG2: k-means semantic permutation of Q/K per head, top-p key-cluster selection."""
-
-    q_clusters: int = 100
-    k_clusters: int = 500
-    top_p: float = 0.9
-    min_density: float = 0.1
-    kmeans_iters_first: int = 50
-    kmeans_iters: int = 2
-    dense_steps_fraction: float = 0.2
-    dense_layers: int = 1
-
-    def validate(self) -> None:
-        n = type(self).__name__
-        check_int(n, "q_clusters", self.q_clusters, minimum=1)
-        check_int(n, "k_clusters", self.k_clusters, minimum=1)
-        check_float(n, "top_p", self.top_p, minimum=0.0, maximum=1.0, min_inclusive=False)
-        check_float(n, "min_density", self.min_density, minimum=0.0, maximum=1.0)
-        check_int(n, "kmeans_iters_first", self.kmeans_iters_first, minimum=1)
-        check_int(n, "kmeans_iters", self.kmeans_iters, minimum=1)
-        check_float(n, "dense_steps_fraction", self.dense_steps_fraction, minimum=0.0, maximum=1.0)
-        check_int(n, "dense_layers", self.dense_layers, minimum=0)
-
-
-@dataclass(frozen=True)
-class RettentionConfig(MethodConfig):
-    """Re-ttention: very sparse attention rescaled by the softmax-normaliser ratio, residual refreshed."""
-
-    keep_fraction: float = 0.03
-    refresh_interval: int = 5
-    dense_steps_fraction: float = 0.2
-
-    def validate(self) -> None:
-        n = type(self).__name__
-        check_float(n, "keep_fraction", self.keep_fraction, minimum=0.0, maximum=1.0, min_inclusive=False)
-        check_int(n, "refresh_interval", self.refresh_interval, minimum=1)
-        check_float(n, "dense_steps_fraction", self.dense_steps_fraction, minimum=0.0, maximum=1.0)
-
-
-@dataclass(frozen=True)
-class CLEARConfig(MethodConfig):
-    """CLEAR: each image token attends to image tokens within ``radius`` on the latent grid, plus all text."""
-
-    radius: float = 8.0
-    dense_steps_fraction: float = 0.0
-
-    def validate(self) -> None:
-        n = type(self).__name__
-        check_float(n, "radius", self.radius, minimum=0.0, min_inclusive=False)
-        check_float(n, "dense_steps_fraction", self.dense_steps_fraction, minimum=0.0, maximum=1.0)
+# SVG2Config, RettentionConfig and CLEARConfig live in their method modules (svg2.py, rettention.py,
+# clear.py) and are re-exported from ditaccel.methods.

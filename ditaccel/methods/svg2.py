@@ -1,0 +1,213 @@
+"""SVG2: semantic-aware permutation sparse attention (Yang et al., 2025, "Sparse VideoGen2").
+
+Per (batch, head), the image queries and keys are clustered with k-means (first sparse step
+``kmeans_iters_first`` Lloyd rounds from a random or k-means++ start; later steps warm-start from
+the previous step's centroids with ``kmeans_iters`` rounds). Tokens are permuted so each cluster
+is contiguous. The attention mass of a (query-cluster, key-cluster) pair is estimated as
+``|key cluster| · exp(c_q · c_k · scale)``; for each query cluster the key clusters are kept in
+decreasing estimated mass until the cumulative share reaches ``top_p`` and at least
+``min_density`` of the image keys are kept. The variable-size block-sparse kernel then attends
+each query cluster (split into pieces of at most ``block_size`` queries) to its kept key
+clusters, and the output is permuted back.
+
+Joint attention: the text keys are one always-kept set (merged by LSE with the sparse image part)
+and the text queries attend densely. Cross-attention stays dense (see ``SparseAttentionMethod``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.kmeans import INITS, cluster_permutation, kmeans
+from ..attention.sparse_method import (
+    SparseAttentionMethod, check_attention_inputs, permute_tokens, run_block_sparse, unpermute_tokens,
+    with_text_keys,
+)
+from ..config import MethodConfig, check_choice, check_float, check_int, register_method
+
+
+@dataclass(frozen=True)
+class SVG2Config(MethodConfig):
+    """SVG2: k-means semantic permutation of Q/K per head, top-p key-cluster selection."""
+
+    q_clusters: int = 100
+    k_clusters: int = 500
+    top_p: float = 0.9
+    min_density: float = 0.1
+    kmeans_iters_first: int = 50
+    kmeans_iters: int = 2
+    kmeans_init: str = "random"  # or "kmeans++"
+    dense_steps_fraction: float = 0.2
+    dense_layers: int = 1
+    block_size: int = 64  # query clusters are split into pieces of at most this many tokens
+    seed: int = 0
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_int(n, "q_clusters", self.q_clusters, minimum=1)
+        check_int(n, "k_clusters", self.k_clusters, minimum=1)
+        check_float(n, "top_p", self.top_p, minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_float(n, "min_density", self.min_density, minimum=0.0, maximum=1.0)
+        check_int(n, "kmeans_iters_first", self.kmeans_iters_first, minimum=1)
+        check_int(n, "kmeans_iters", self.kmeans_iters, minimum=1)
+        check_choice(n, "kmeans_init", self.kmeans_init, INITS)
+        check_float(n, "dense_steps_fraction", self.dense_steps_fraction, minimum=0.0, maximum=1.0)
+        check_int(n, "dense_layers", self.dense_layers, minimum=0)
+        check_int(n, "block_size", self.block_size, minimum=1)
+        check_int(n, "seed", self.seed, minimum=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the algorithm, usable without a model
+
+
+def select_key_clusters(cq, ck, k_sizes, scale: float, top_p: float, min_tokens: float):
+    """Per query cluster, the key clusters to keep.
+
+    cq (G, Cq, D), ck (G, Ck, D) centroids, k_sizes (G, Ck). Returns (order (G, Cq, Ck) key
+    cluster ids by decreasing estimated mass, count (G, Cq) how many of them are kept). Empty key
+    clusters are never kept; the kept clusters are the shortest prefix of ``order`` whose mass
+    share reaches ``top_p`` and whose token count reaches ``min_tokens`` (all of them at top_p=1).
+    """
+    logits = torch.matmul(cq, ck.transpose(1, 2)) * scale  # (G, Cq, Ck)
+    sizes = k_sizes.to(logits.dtype).unsqueeze(1)
+    nonempty = (k_sizes > 0).unsqueeze(1).expand_as(logits)
+    logw = torch.where(nonempty, logits + sizes.clamp(min=1).log(), torch.full_like(logits, float("-inf")))
+    mass = torch.softmax(logw, dim=-1)
+    key = torch.where(nonempty, mass, torch.full_like(mass, -1.0))  # empty clusters sort last
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    m_sorted = torch.gather(mass, -1, order)
+    t_sorted = torch.gather(sizes.expand_as(logits), -1, order)
+    ne_sorted = torch.gather(nonempty, -1, order)
+    mass_before = m_sorted.cumsum(-1) - m_sorted
+    tok_before = t_sorted.cumsum(-1) - t_sorted
+    if top_p >= 1.0:
+        keep = ne_sorted
+    else:
+        keep = ((mass_before < top_p) | (tok_before < min_tokens)) & ne_sorted
+    return order, keep.sum(-1)
+
+
+def split_query_blocks(offsets: torch.Tensor, block: int):
+    """Split clusters (G, C + 1 offsets) into pieces of at most ``block`` tokens.
+
+    Returns (piece offsets (G, P + 1), piece -> cluster id (G, P)); groups with fewer pieces are
+    padded with empty pieces at the end (offset = N)."""
+    sizes = offsets[:, 1:] - offsets[:, :-1]
+    pieces = (sizes + block - 1) // block
+    cum = pieces.cumsum(1)
+    total = cum[:, -1]
+    P = max(1, int(total.max()))
+    j = torch.arange(P, device=offsets.device).expand(offsets.shape[0], P).contiguous()
+    cluster = torch.searchsorted(cum, j, right=True).clamp_(max=sizes.shape[1] - 1)
+    within = j - torch.gather(cum - pieces, 1, cluster)
+    start = torch.gather(offsets[:, :-1], 1, cluster) + within * block
+    n = offsets[:, -1:]
+    start = torch.where(j < total.unsqueeze(1), start, n)
+    return torch.cat([start, n], dim=1), cluster
+
+
+@dataclass
+class SVG2State:
+    q_centroids: torch.Tensor  # (B*H, Cq, D) float32
+    k_centroids: torch.Tensor  # (B*H, Ck, D)
+
+    def nbytes(self) -> int:
+        return self.q_centroids.numel() * self.q_centroids.element_size() + \
+            self.k_centroids.numel() * self.k_centroids.element_size()
+
+
+def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top_p: float = 0.9,
+                   min_density: float = 0.1, iters: int = 10, init: str = "random", state: SVG2State | None = None,
+                   k_txt=None, v_txt=None, scale: float | None = None, block_size: int = 64,
+                   generator: torch.Generator | None = None):
+    """SVG2 attention of image queries q (B, H, N, D) over image keys k/v (B, H, N, D) plus the
+    always-kept text keys k_txt/v_txt (B, H, T, D) if given.
+
+    Returns (out (B, H, N, D), lse (B, H, N) float32, density over all keys, new state).
+    """
+    check_attention_inputs(q, k, v, "SVG2")
+    B, H, N, D = q.shape
+    if k.shape[2] != N:
+        raise ValueError(f"SVG2: image queries and keys must be the same tokens (self-attention), got "
+                         f"{N} queries and {k.shape[2]} keys.")
+    scale = D ** -0.5 if scale is None else float(scale)
+    G = B * H
+    qf, kf = q.reshape(G, N, D), k.reshape(G, N, D)
+    cq, q_labels, q_sizes = kmeans(qf, q_clusters, iters, init, state.q_centroids if state else None, generator)
+    ck, k_labels, k_sizes = kmeans(kf, k_clusters, iters, init, state.k_centroids if state else None, generator)
+    Cq, Ck = cq.shape[1], ck.shape[1]
+    q_perm, q_off = cluster_permutation(q_labels, Cq)
+    k_perm, k_off = cluster_permutation(k_labels, Ck)
+
+    order, count = select_key_clusters(cq, ck, k_sizes, scale, top_p, min_density * N)
+    # density: kept key tokens per query cluster, weighted by the cluster's size
+    kept_tok = (torch.gather(k_sizes.unsqueeze(1).expand(G, Cq, Ck), -1, order)
+                * (torch.arange(Ck, device=q.device) < count.unsqueeze(-1))).sum(-1)
+    T = 0 if k_txt is None else k_txt.shape[2]
+    density = float(((q_sizes * kept_tok).sum() + G * N * T) / (G * N * (N + T)))
+
+    p_off, p_cluster = split_query_blocks(q_off, block_size)
+    P = p_cluster.shape[1]
+    kv_index = torch.gather(order, 1, p_cluster.unsqueeze(-1).expand(G, P, Ck))
+    kv_count = torch.gather(count, 1, p_cluster)
+    perm_q = q_perm.reshape(B, H, N)
+    perm_k = k_perm.reshape(B, H, N)
+    out_p, lse_p = run_block_sparse(
+        permute_tokens(q, perm_q), permute_tokens(k, perm_k), permute_tokens(v, perm_k),
+        kv_count.reshape(B, H, P).to(torch.int32), kv_index.reshape(B, H, P, Ck).to(torch.int32),
+        p_off.reshape(B, H, P + 1).to(torch.int32), k_off.reshape(B, H, Ck + 1).to(torch.int32),
+        scale=scale, max_q_block_size=block_size,
+    )
+    out = unpermute_tokens(out_p, perm_q)
+    lse = unpermute_tokens(lse_p.unsqueeze(-1), perm_q).squeeze(-1)
+    out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
+    return out, lse, density, SVG2State(cq, ck)
+
+
+# ---------------------------------------------------------------------------------------------
+# the installed method
+
+
+class SVG2(SparseAttentionMethod):
+    def __init__(self, engine, config: SVG2Config):
+        super().__init__(engine, config)
+        self._state: dict = {}
+        self._generator: torch.Generator | None = None
+
+    def reset(self) -> None:
+        self._state = {}
+        self._generator = None
+
+    def _gen(self, device) -> torch.Generator:
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.config.seed)
+        return self._generator
+
+    def sparse_image_attention(self, call, q_img, k_img, v_img, k_txt, v_txt):
+        c = self.config
+        state = self._state.get(call.key)
+        if state is not None and (state.q_centroids.shape[0] != q_img.shape[0] * q_img.shape[1]
+                                  or state.q_centroids.shape[-1] != q_img.shape[-1]):
+            state = None
+        warm = state is not None
+        iters = c.kmeans_iters if warm else c.kmeans_iters_first
+        out, _, density, state = svg2_attention(
+            q_img, k_img, v_img, q_clusters=c.q_clusters, k_clusters=c.k_clusters, top_p=c.top_p,
+            min_density=c.min_density, iters=iters, init=c.kmeans_init, state=state, k_txt=k_txt, v_txt=v_txt,
+            scale=call.scale, block_size=c.block_size, generator=self._gen(q_img.device),
+        )
+        self._state[call.key] = state
+        self.counters["kmeans_warm" if warm else "kmeans_first"] += 1
+        return out, density
+
+    def bytes_held(self) -> int:
+        return sum(s.nbytes() for s in self._state.values())
+
+
+@register_method(SVG2Config)
+def apply_svg2(engine, config: SVG2Config) -> SVG2:
+    return SVG2(engine, config)
