@@ -1,0 +1,1 @@
+"""Integrations of ditaccel into other runtimes (ComfyUI)."""

@@ -1,0 +1,189 @@
+"""Model facts of ComfyUI's diffusion transformers: which family a MODEL is, where its blocks are,
+and how ComfyUI's ``patches_replace["dit"]`` block patches see each block's token streams.
+
+Nothing here imports ComfyUI: families are matched by the module and class names along the MRO
+of ``model.model.diffusion_model`` (and named by ``model.model``'s model_base class in messages),
+so this module also loads where ComfyUI is absent.
+
+Per family, each block group is ``(patch kind, ModuleList attribute, streams)``: the patch kind is
+ComfyUI's key (``("double_block", i)`` / ``("single_block", i)``), the streams say which entries of
+the patch's ``args`` dict the block changes: ``("img", "txt")`` for two-stream blocks that return
+both (FLUX double blocks, SD3 joint blocks, HunyuanVideo double blocks, QwenImage), ``("img",)``
+for blocks that return only image tokens (FLUX single blocks on the joint sequence, Wan, LTXV).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from ...adapters.base import CFG_BATCHED, ENCODER, HIDDEN, BlockGroup, BlockIO, ModelAdapter
+from ...errors import UnsupportedModelError
+
+# The key ComfyUI's DiT forwards read their block replacements from.
+PATCH_NAME = "dit"
+
+TWO_STREAM = ("img", "txt")
+ONE_STREAM = ("img",)
+
+# Scopes of the step caches: the blocks (through block replace patches), or the whole diffusion
+# model call (through the DIFFUSION_MODEL wrapper), for models whose forward has no block patches.
+SCOPE_BLOCKS = "blocks"
+SCOPE_MODEL = "model"
+
+
+@dataclass(frozen=True)
+class ComfyBlockGroup:
+    kind: str  # "double_block" / "single_block"
+    attr: str  # ModuleList attribute of the diffusion model
+    streams: tuple[str, ...]
+
+    @property
+    def io(self) -> BlockIO:
+        if self.streams == TWO_STREAM:
+            return BlockIO(hidden_arg="img", encoder_arg="txt", outputs=(HIDDEN, ENCODER))
+        return BlockIO(hidden_arg="img", encoder_arg=None, outputs=(HIDDEN,))
+
+
+@dataclass(frozen=True)
+class ComfyFamily:
+    name: str
+    classes: tuple[tuple[str, str], ...]  # (module, class name) of the diffusion model, matched along the MRO
+    groups: tuple[ComfyBlockGroup, ...]  # empty: no block patches in this family's forward
+    description: str = ""
+
+
+DOUBLE = "double_block"
+SINGLE = "single_block"
+
+FAMILIES: dict[str, ComfyFamily] = {
+    f.name: f
+    for f in (
+        ComfyFamily("flux", (("comfy.ldm.flux.model", "Flux"),),
+                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    "FLUX.1 / FLUX.2 / Kontext (comfy.ldm.flux)"),
+        ComfyFamily("chroma", (("comfy.ldm.chroma.model", "Chroma"),),
+                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    "Chroma (comfy.ldm.chroma)"),
+        ComfyFamily("sd3", (("comfy.ldm.modules.diffusionmodules.mmdit", "MMDiT"),),
+                    (ComfyBlockGroup(DOUBLE, "joint_blocks", TWO_STREAM),),
+                    "Stable Diffusion 3 / 3.5 MMDiT"),
+        ComfyFamily("wan", (("comfy.ldm.wan.model", "WanModel"),),
+                    (ComfyBlockGroup(DOUBLE, "blocks", ONE_STREAM),),
+                    "Wan 2.1 / 2.2 (t2v, i2v, VACE, camera, S2V, HuMo)"),
+        ComfyFamily("hunyuan_video", (("comfy.ldm.hunyuan_video.model", "HunyuanVideo"),),
+                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    "HunyuanVideo / HunyuanVideo 1.5 / HunyuanImage 2.1"),
+        ComfyFamily("ltxv", (("comfy.ldm.lightricks.model", "LTXVModel"),),
+                    (ComfyBlockGroup(DOUBLE, "transformer_blocks", ONE_STREAM),),
+                    "LTX-Video"),
+        ComfyFamily("qwen_image", (("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),),
+                    (ComfyBlockGroup(DOUBLE, "transformer_blocks", TWO_STREAM),),
+                    "Qwen-Image"),
+        ComfyFamily("lumina2", (("comfy.ldm.lumina.model", "NextDiT"),),
+                    (),
+                    "Lumina Image 2.0 / NextDiT (no block patches in ComfyUI's forward: whole-model step cache)"),
+    )
+}
+
+
+def supported_families() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def diffusion_model_of(model) -> object:
+    """``model`` is a ComfyUI MODEL (ModelPatcher); its ``model.diffusion_model`` is the DiT."""
+    base = getattr(model, "model", None)
+    dm = getattr(base, "diffusion_model", None)
+    if dm is None:
+        raise UnsupportedModelError(
+            f"Expected a ComfyUI MODEL (a ModelPatcher whose .model.diffusion_model is the network), got "
+            f"{type(model).__name__}. Connect the MODEL output of a loader (Load Diffusion Model, Load Checkpoint)."
+        )
+    return dm
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def family_of(model) -> ComfyFamily:
+    """The family of a ComfyUI MODEL, or a clear UnsupportedModelError."""
+    dm = diffusion_model_of(model)
+    for cls in type(dm).__mro__:
+        for family in FAMILIES.values():
+            if (cls.__module__, cls.__name__) in family.classes:
+                return family
+    base = type(getattr(model, "model", None)).__name__
+    names = ", ".join(f"{f.name} ({f.description})" for f in FAMILIES.values())
+    raise UnsupportedModelError(
+        f"DiT Accelerate does not support this model: ComfyUI model type {base}, diffusion model "
+        f"{_qualname(type(dm))}. Supported diffusion-transformer families: {names}. "
+        "UNet models (SD1.5, SDXL) and other DiTs are not supported yet; remove the node for this model."
+    )
+
+
+def blocks_of(dm, group: ComfyBlockGroup) -> list:
+    blocks = getattr(dm, group.attr, None)
+    if blocks is None:
+        raise UnsupportedModelError(
+            f"{_qualname(type(dm))} has no {group.attr!r} block list; this ComfyUI version's model code differs "
+            "from what ditaccel expects. Please report the ComfyUI version."
+        )
+    return list(blocks)
+
+
+def forward_reads_block_patches(dm, family: ComfyFamily) -> bool:
+    """Whether the installed ComfyUI's forward of this model looks up ``patches_replace["dit"]`` for
+    every block kind the family uses (read from the source, so a ComfyUI that lacks or adds block
+    patches for a family is followed). Unreadable source: trust the family table."""
+    if not family.groups:
+        return False
+    sources = []
+    for cls in type(dm).__mro__:
+        if cls.__module__.startswith("torch."):
+            break
+        try:
+            sources.append(inspect.getsource(cls))
+        except (OSError, TypeError):
+            return True
+    text = "\n".join(sources)
+    if "blocks_replace" not in text and "patches_replace" not in text:
+        return False
+    return all(f'"{g.kind}"' in text or f"'{g.kind}'" in text for g in family.groups)
+
+
+def build_adapter(model, scope: str | None = None) -> tuple[ModelAdapter, str, dict]:
+    """(ModelAdapter, scope, {id(block): (patch kind, index)}) of a ComfyUI MODEL.
+
+    ``scope`` None picks blocks where the forward reads block patches, else the whole model.
+    The adapter is ditaccel's model-facts object, so the method implementations (step caches and
+    their segment plumbing) are the same objects as on the diffusers path.
+    """
+    family = family_of(model)
+    dm = diffusion_model_of(model)
+    block_ok = forward_reads_block_patches(dm, family)
+    if scope is None:
+        scope = SCOPE_BLOCKS if block_ok else SCOPE_MODEL
+    if scope == SCOPE_BLOCKS and not block_ok:
+        raise UnsupportedModelError(
+            f"The {family.name} model code of this ComfyUI does not read block replace patches, so blocks cannot "
+            "be cached one by one; use cache scope 'model' (whole diffusion-model step cache) or 'auto'."
+        )
+    keys: dict[int, tuple[str, int]] = {}
+    if scope == SCOPE_BLOCKS:
+        groups = []
+        for g in family.groups:
+            blocks = blocks_of(dm, g)
+            for i, b in enumerate(blocks):
+                keys[id(b)] = (g.kind, i)
+            groups.append(BlockGroup(g.attr, blocks, g.io))
+    elif scope == SCOPE_MODEL:
+        groups = [BlockGroup("diffusion_model", [dm], BlockIO(hidden_arg="x", encoder_arg=None, outputs=(HIDDEN,)))]
+    else:
+        raise UnsupportedModelError(f"Unknown cache scope {scope!r}; expected {SCOPE_BLOCKS!r} or {SCOPE_MODEL!r}.")
+    adapter = ModelAdapter(
+        family=family.name, model=dm, block_groups=groups, cfg_style=CFG_BATCHED, hidden_arg="x",
+        notes=f"ComfyUI {type(getattr(model, 'model', None)).__name__}; scope {scope}",
+    )
+    return adapter, scope, keys
