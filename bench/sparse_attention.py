@@ -84,11 +84,19 @@ def method_configs(names):
     table = {
         "svg2": ditaccel.SVG2Config(q_clusters=64, k_clusters=256, top_p=0.9, min_density=0.05,
                                     kmeans_iters_first=10, kmeans_iters=2, dense_steps_fraction=0.2, dense_layers=1),
+        "svg2_fast": ditaccel.SVG2Config(q_clusters=32, k_clusters=128, top_p=0.9, min_density=0.03,
+                                         kmeans_iters_first=5, kmeans_iters=1, dense_steps_fraction=0.2, dense_layers=1),
         "rettention": ditaccel.RettentionConfig(keep_fraction=0.03, refresh_interval=5, dense_steps_fraction=0.2),
         "rettention_ratio": ditaccel.RettentionConfig(keep_fraction=0.03, refresh_interval=5, dense_steps_fraction=0.2,
                                                       correction="ratio"),
         "rettention_nocorr": ditaccel.RettentionConfig(keep_fraction=0.03, refresh_interval=10 ** 6,
                                                        dense_steps_fraction=0.2, correction="none", residual=False),
+        "rettention_t2": ditaccel.RettentionConfig(keep_fraction=0.03, refresh_interval=5, dense_steps_fraction=0.2,
+                                                   tile=(2, 2)),  # small grids: 2x2 tiles so 3% is reachable
+        "rettention_t2_nocorr": ditaccel.RettentionConfig(keep_fraction=0.03, refresh_interval=10 ** 6,
+                                                          dense_steps_fraction=0.2, correction="none",
+                                                          residual=False, tile=(2, 2)),
+        "clear_r4": ditaccel.CLEARConfig(radius=4.0),
         "clear_r8": ditaccel.CLEARConfig(radius=8.0),
         "clear_r16": ditaccel.CLEARConfig(radius=16.0),
     }
