@@ -1,0 +1,1 @@
+"""Command line: ``ditaccel --help``, ``ditaccel info``, ``ditaccel bench``."""

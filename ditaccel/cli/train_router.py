@@ -1,0 +1,199 @@
+"""``ditaccel train-router``: train a HarmoniCa cache router for a pipeline and write it to a file.
+
+    ditaccel train-router --model flux_tiny --steps 20 --target-speedup 2.0 --samples 8 --out router.safetensors
+
+``--model`` is a built-in reference model name (``flux_tiny``; prompts are its classes) or a local
+diffusers pipeline folder with its text encoders (prompts from ``--prompt``). Training is
+deterministic under ``--seed`` (fixed samples, fixed sample order, seeded generators); a checkpoint
+is written after every iteration (``--checkpoint``, default ``<out>.ckpt``) and ``--resume`` goes
+on from one. Reference models: training uses the first 12 classes and seeds 10000 + 1000·seed + i;
+the benchmark (bench/harmonica.py) holds out the last 4 classes and seeds < 10000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPTS = [
+    "a photo of a red fox in the snow", "a watercolor painting of a lighthouse at dusk",
+    "a bowl of ramen on a wooden table", "an astronaut riding a horse on the moon",
+    "a futuristic city skyline at night", "a close-up of a hummingbird drinking nectar",
+    "a cozy cabin in a pine forest", "a vintage car parked on a rainy street",
+]
+TRAIN_CLASSES = 12  # reference models: classes [0, 12) for training, the rest held out
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train-router", help="train a HarmoniCa cache router (learned step x block-group schedule)",
+        description="Train a HarmoniCa router (Step-Wise Denoising Training with the image-error proxy objective) "
+                    "for a diffusers pipeline, and write it as a .safetensors file for "
+                    "ditaccel.HarmoniCaConfig(router=...).")
+    p.add_argument("--model", required=True,
+                   help="reference model name (e.g. flux_tiny) or a local diffusers pipeline folder")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps the router is for (default 20)")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--target-speedup", type=float, default=None,
+                       help="transformer FLOP speedup to reach (λ adjusted to hit it; default 2.0)")
+    speed.add_argument("--speed-weight", type=float, default=None,
+                       help="fixed speed weight λ of the fraction-computed term instead of a target speedup")
+    p.add_argument("--samples", type=int, default=8, help="training samples (prompt, seed pairs; default 8)")
+    p.add_argument("--iterations", type=int, default=40, help="optimisation steps on the router (default 40)")
+    p.add_argument("--batch", type=int, default=1, help="samples rolled out per iteration (default 1)")
+    p.add_argument("--lr", type=float, default=0.2, help="Adam learning rate of the logits (default 0.2)")
+    p.add_argument("--threshold", type=float, default=0.1, help="inference threshold on sigmoid(logits) (0.1)")
+    p.add_argument("--group-size", type=int, default=None, help="blocks per group (default: ~4-16 groups)")
+    p.add_argument("--proxy-every", type=int, default=10,
+                   help="refresh the image-error proxy every K iterations (0: uniform step weights; default 10)")
+    p.add_argument("--init-logit", type=float, default=None,
+                   help="initial logit of every cell (default logit(threshold) + 1)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not shift the final logits to meet the target speedup exactly")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training samples (default 0)")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale of the training generations (default 1)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--prompt", action="append", default=None, help="training prompt (folder models; repeatable)")
+    p.add_argument("--out", required=True, help="router file to write (.safetensors)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint written after every iteration (default <out>.ckpt)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument("--log", default=None, help="write one JSON line per iteration to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _usage_error():
+    try:
+        from .errors import UsageError
+    except ImportError:  # pragma: no cover
+        return ValueError
+    return UsageError
+
+
+def load_training_setup(args):
+    """(pipe, samples, description) for ``--model``."""
+    import torch
+
+    from ..methods.harmonica_train import Sample
+
+    UsageError = _usage_error()
+    spec = args.model
+    from ..reference import pipelines as ref
+
+    if spec in ref.REFERENCE_MODELS:
+        try:
+            pipe, prompts = ref.load_reference_pipeline(spec, device=args.device)
+        except ref.ReferenceModelError as exc:
+            raise UsageError(str(exc)) from exc
+        size = {k: v for k, v in ref.REFERENCE_MODELS[spec].get("default_call", {}).items()
+                if k != "num_inference_steps"}
+        if args.height:
+            size["height"] = args.height
+        if args.width:
+            size["width"] = args.width
+        classes = prompts.class_names[:TRAIN_CLASSES] or prompts.class_names
+        samples = []
+        for i in range(args.samples):
+            cls = classes[i % len(classes)]
+            kw = ref.reference_call_kwargs(prompts, [cls], true_cfg_scale=args.cfg)
+            kw.update(size)
+            samples.append(Sample(kw, seed=10_000 + 1000 * args.seed + i, label=f"{cls}@{10_000 + 1000 * args.seed + i}"))
+        return pipe, samples, f"reference model {spec}"
+    path = Path(spec)
+    if not path.is_dir():
+        raise UsageError(f"--model {spec!r} is neither a reference model ({sorted(ref.REFERENCE_MODELS)}) nor an "
+                         "existing diffusers pipeline folder.")
+    import diffusers
+
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"--model {spec}: could not load a diffusers pipeline from this folder "
+                         f"({type(exc).__name__}: {exc}).") from exc
+    pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    samples = []
+    for i in range(args.samples):
+        kw = {"prompt": prompts[i % len(prompts)]}
+        if args.cfg != 1.0:
+            kw["guidance_scale"] = args.cfg
+        if args.height:
+            kw["height"] = args.height
+        if args.width:
+            kw["width"] = args.width
+        samples.append(Sample(kw, seed=10_000 + 1000 * args.seed + i, label=f"{kw['prompt'][:40]}@{i}"))
+    del torch
+    return pipe, samples, f"pipeline {type(pipe).__name__} from {path}"
+
+
+def run(args, argv=None) -> int:
+    import torch
+
+    from ..errors import ConfigError
+    from ..methods.harmonica_train import TrainSettings, train_router
+
+    UsageError = _usage_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {args.samples}.")
+    target = args.target_speedup
+    if target is None and args.speed_weight is None:
+        target = 2.0
+    settings = TrainSettings(
+        steps=args.steps, target_speedup=target,
+        speed_weight=args.speed_weight if args.speed_weight is not None else TrainSettings.speed_weight,
+        iterations=args.iterations, batch=args.batch, lr=args.lr, threshold=args.threshold,
+        init_logit=args.init_logit, group_size=args.group_size, proxy_every=args.proxy_every,
+        calibrate=not args.no_calibrate, seed=args.seed,
+    )
+    try:
+        settings.validate()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    torch.manual_seed(args.seed)
+    pipe, samples, desc = load_training_setup(args)
+    out = Path(args.out)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else Path(str(out) + ".ckpt")
+    log_file = open(args.log, "a") if args.log else None  # noqa: SIM115
+
+    def log(line: str) -> None:
+        if log_file is not None:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    print(f"train-router: {desc}; {len(samples)} samples, {settings.iterations} iterations x {settings.batch}, "
+          f"{settings.steps} steps, " + (f"target speedup {target}" if target else f"λ = {settings.speed_weight}"),
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        router, trainer = train_router(pipe, samples, settings, checkpoint=checkpoint, resume=args.resume,
+                                       progress=not args.no_progress, log=log)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    finally:
+        if log_file is not None:
+            log_file.close()
+    router.save(out)
+    tr = router.training
+    summary = {
+        "out": str(out), "checkpoint": str(checkpoint), "seconds_this_run": round(time.perf_counter() - t0, 1),
+        "train_seconds_total": tr.get("train_seconds"), "groups": [list(g) for g in router.groups],
+        "steps": router.steps, "fraction_computed": round(tr["fraction_computed"], 4),
+        "flop_speedup": round(tr["flop_speedup"], 3) if tr.get("flop_speedup") else None,
+        "final_speed_weight": tr["final_speed_weight"], "final_objective": tr.get("final_objective"),
+    }
+    print(json.dumps(summary, indent=1))
+    sched = router.schedule()
+    print("schedule (rows = steps, # = compute, . = reuse):", file=sys.stderr)
+    for t in range(router.steps):
+        print(f"  {t:3d} " + "".join("#" if v else "." for v in sched[t].tolist()), file=sys.stderr)
+    return 0
