@@ -4,9 +4,9 @@ from . import step_cache  # noqa: F401
 from .clear import CLEARConfig  # noqa: F401
 from .configs import (  # noqa: F401
     DeltaCacheConfig,
-    HarmoniCaConfig,
     TaylorSeerConfig,
 )
+from .harmonica import HarmoniCaConfig  # noqa: F401
 from .ras import RASConfig  # noqa: F401
 from .rettention import RettentionConfig  # noqa: F401
 from .step_cache import StepCacheConfig  # noqa: F401

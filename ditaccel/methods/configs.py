@@ -90,21 +90,5 @@ class TaylorSeerConfig(MethodConfig):
         _check_dtype(n, self.cache_dtype)
 
 
-@dataclass(frozen=True)
-class HarmoniCaConfig(MethodConfig):
-    """A learned step x block cache router (HarmoniCa), loaded from a safetensors file."""
-
-    router: str = ""
-    threshold: float = 0.1
-    forecast: bool = False  # reuse (False) or TaylorSeer forecast (True) on routed steps
-
-    def validate(self) -> None:
-        n = type(self).__name__
-        if not isinstance(self.router, str) or not self.router:
-            raise ConfigError(f"{n}.router must be the path of a router .safetensors file, got {describe(self.router)}. "
-                              "Train one with `ditaccel train-router`.")
-        check_float(n, "threshold", self.threshold, minimum=0.0, maximum=1.0)
-
-
-# SVG2Config, RettentionConfig and CLEARConfig live in their method modules (svg2.py, rettention.py,
-# clear.py) and are re-exported from ditaccel.methods.
+# HarmoniCaConfig, SVG2Config, RettentionConfig and CLEARConfig live in their method modules (harmonica.py,
+# svg2.py, rettention.py, clear.py) and are re-exported from ditaccel.methods.
