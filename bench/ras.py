@@ -55,17 +55,18 @@ def random_flux_pipeline(dim_heads: int = 4, head_dim: int = 64, double: int = 2
     return pipe, prompt
 
 
-def load_model(which: str):
+def load_model(which: str, classes: int = 1, cfg: float = 1.0):
     """(pipe, prompt kwargs, description, decodes)"""
     if which in ("auto", "reference"):
         try:
             from ditaccel.reference.pipelines import load_reference_pipeline, reference_call_kwargs
 
             pipe, prompts = load_reference_pipeline("flux_tiny")
-            names = [n for n in prompts.class_names if n][:1]
-            kwargs = reference_call_kwargs(prompts, names)
+            names = [n for n in prompts.class_names if n][:classes]
+            kwargs = reference_call_kwargs(prompts, names, true_cfg_scale=cfg)
             pipe.set_progress_bar_config(disable=True)
-            return pipe, kwargs, "trained FLUX reference model (flux_tiny)", True
+            return pipe, kwargs, (f"trained FLUX reference model (flux_tiny), classes {names}, true_cfg_scale {cfg}, "
+                                  "PSNR on decoded images in [0, 1]"), True
         except Exception as exc:  # noqa: BLE001 - report and fall back
             if which == "reference":
                 raise
@@ -101,11 +102,13 @@ def main() -> None:
     ap.add_argument("--max-stale", type=int, default=4)
     ap.add_argument("--starvation-weight", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classes", type=int, default=1, help="reference model: batch of this many class prompts")
+    ap.add_argument("--cfg", type=float, default=1.0, help="reference model: true_cfg_scale (> 1: two calls per step)")
     ap.add_argument("--json", type=str, default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    pipe, kwargs, description, decodes = load_model(args.model)
+    pipe, kwargs, description, decodes = load_model(args.model, args.classes, args.cfg)
     reset = None if args.reset_steps is None else tuple(args.reset_steps)
     print(f"# model: {description}")
     print(f"# steps {args.steps}, warm-up {args.warmup_steps}, resets "
@@ -124,15 +127,22 @@ def main() -> None:
             generate(pipe, kwargs, side, 2, args.seed, decodes)  # warm the allocator / first-call costs
             for _ in range(args.runs):
                 for i, config in enumerate(configs):
-                    handle = ditaccel.enable_acceleration(pipe, config) if config is not None else None
+                    # timed runs without the FLOP profiler (it would cost the accelerated runs their first call)
+                    handle = (ditaccel.enable_acceleration(pipe, config, count_flops=False)
+                              if config is not None else None)
                     t0, c0 = time.perf_counter(), time.process_time()
                     image = generate(pipe, kwargs, side, args.steps, args.seed, decodes)
                     wall[i].append(time.perf_counter() - t0)
                     cpu[i].append(time.process_time() - c0)
                     if handle is not None:
-                        flops[i] = handle.stats()["flops_skipped_fraction"]
                         handle.remove()
                     outputs[i] = image
+            for i, config in enumerate(configs):  # one untimed run per config for the FLOP count
+                if config is not None:
+                    with ditaccel.accelerated(pipe, config) as handle:
+                        again = generate(pipe, kwargs, side, args.steps, args.seed, decodes)
+                        flops[i] = handle.stats()["flops_skipped_fraction"]
+                    assert torch.equal(again, outputs[i]), "RAS runs with the same seed must be identical"
             ref = outputs[0]
             base_wall, base_cpu = statistics.median(wall[0]), statistics.median(cpu[0])
             n_tok = None

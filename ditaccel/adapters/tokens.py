@@ -146,7 +146,8 @@ SD3 = TokenFacts(
     output_layout=OUT_GRID,
     patch=lambda model: (1, int(model.config.patch_size), int(model.config.patch_size)),
     joint_order=IMAGE_FIRST,
-    dense_if_args=("block_controlnet_hidden_states",),
+    # skip_layers (skip-layer guidance) may leave out the region's first or last block: run those calls in full
+    dense_if_args=("block_controlnet_hidden_states", "skip_layers"),
     notes="Learned pos_embed is added by the patch embedding before the blocks. SD3.5 attn2 is image-only.",
 )
 

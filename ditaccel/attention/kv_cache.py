@@ -82,11 +82,11 @@ class CachedKVRouter:
         if sel.sample is not None:
             b = sel.sample
             index, ck, cv = index[b:b + 1], ck[b:b + 1], cv[b:b + 1]
-        rows = torch.arange(index.shape[0], device=ck.device)[:, None, None]
-        heads = torch.arange(ck.shape[1], device=ck.device)[None, :, None]
-        pos = index.to(ck.device)[:, None, :]
-        ck[rows, heads, pos] = k.to(ck.dtype)
-        cv[rows, heads, pos] = v.to(cv.dtype)
+        index = index.to(ck.device)
+        k, v = k.to(ck.dtype), v.to(cv.dtype)
+        for i in range(index.shape[0]):  # index_copy_ per sample: cheaper than advanced-index writes
+            ck[i].index_copy_(1, index[i], k[i])
+            cv[i].index_copy_(1, index[i], v[i])
         mask = None
         if attn_mask is not None:
             mask = widen_mask(attn_mask, index, full_length)

@@ -62,19 +62,19 @@ def keep_index(active: torch.Tensor, offset: torch.Tensor | int, length: int) ->
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Rows ``index`` (B, L) of ``x`` along ``dim``; ``x``'s dim 0 is the batch (B, or 1 to broadcast)."""
     b = index.shape[0]
-    if x.shape[0] != b:
-        x = x.expand(b, *x.shape[1:])
-    if dim != 1:
-        x = x.movedim(dim, 1)
-    rows = torch.arange(b, device=x.device)[:, None]
-    out = x[rows, index.to(x.device)]
-    return out.movedim(1, dim) if dim != 1 else out
+    index = index.to(x.device)
+    if b == 1:
+        return x[:1].index_select(dim, index[0])
+    # index_select per sample: much cheaper than advanced indexing on CPU for the small batches here
+    return torch.stack([x[i if x.shape[0] == b else 0].index_select(dim - 1, index[i]) for i in range(b)])
 
 
 def scatter_tokens(full: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Write ``values`` (B, L_kept, ...) at rows ``index`` of ``full`` (B, L, ...) in place; returns ``full``."""
-    rows = torch.arange(index.shape[0], device=full.device)[:, None]
-    full[rows, index.to(full.device)] = values.to(full.dtype)
+    index = index.to(full.device)
+    values = values.to(full.dtype)
+    for i in range(index.shape[0]):
+        full[i].index_copy_(0, index[i], values[i])
     return full
 
 
