@@ -97,12 +97,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         raise UsageError(f"--tokens must be a square number (e.g. 256, 1024), got {args.tokens}.")
     # validate everything before loading anything
     variants = [Variant(label="full", kind="baseline")]
-    chosen = parse_presets(args.presets) + parse_methods(args.methods)
-    if not chosen and not args.compare_peers and args.presets is None and args.methods is None:
-        chosen = parse_presets(["balanced"])
-    if args.presets is None and args.methods is None and args.compare_peers:
-        chosen = parse_presets(["balanced"])
-    variants += chosen
+    if args.presets is None and args.methods is None:
+        variants += parse_presets(["balanced"])
+    else:
+        variants += parse_presets(args.presets) + parse_methods(args.methods)
     device = _resolve_device(args.device)
     for path in (args.json, args.markdown):
         if path is not None and path.exists() and path.is_dir():

@@ -125,8 +125,34 @@ def _load_reference(name: str, batch: int, device: str) -> BenchModel:
                       description=f"trained reference model {name}: {desc}; classes {classes}")
 
 
-def _load_folder(path: Path, device: str) -> BenchModel:
+def _load_reference_folder(path: Path, batch: int, device: str) -> BenchModel | None:
+    """A folder laid out like a reference model (model_index.json + prompts.safetensors)."""
+    import json
+
+    api = _reference_api()
+    if api is None or not (path / "prompts.safetensors").is_file():
+        return None
+    pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    names = [n for n, v in getattr(api, "REFERENCE_MODELS", {}).items() if v.get("pipeline") == pipeline_class]
+    if not names:
+        return None
+    name = names[0]
+    pipe, prompts = api.load_reference_pipeline(name, device=device, folder=path)
+    pipe.set_progress_bar_config(disable=True)
+    classes = list(getattr(prompts, "class_names", []))[:batch] or [0]
+    size = {k: v for k, v in api.REFERENCE_MODELS[name].get("default_call", {}).items() if k != "num_inference_steps"}
+    kw = api.reference_call_kwargs(prompts, classes)
+    return BenchModel(name=str(path), pipe=pipe, random_weights=False, make_call=lambda seed: {**kw, **size},
+                      description=f"reference-model folder {path} ({pipeline_class}); classes {classes}")
+
+
+def _load_folder(path: Path, device: str, batch: int = 1) -> BenchModel:
     import diffusers
+
+    if (path / "model_index.json").is_file():
+        model = _load_reference_folder(path, batch, device)
+        if model is not None:
+            return model
 
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
@@ -178,7 +204,7 @@ def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", toke
         return _load_reference(spec, batch, device)
     path = Path(spec)
     if path.is_dir():
-        return _load_folder(path, device)
+        return _load_folder(path, device, batch)
     raise UsageError(
         f"--model {spec!r} is neither a reference model ({reference_names() or 'none installed'}), "
         f"a tiny random model ({['tiny:' + f for f in TINY_BUILDERS]}), nor an existing folder. "

@@ -13,7 +13,7 @@ from typing import Any
 
 from .runner import VariantResult
 
-COLUMNS = ["variant", "wall s", "cpu s", "speedup", "skipped", "PSNR lat", "SSIM lat", "PSNR img", "SSIM img",
+COLUMNS = ["variant", "wall s", "cpu s", "speedup", "cpu speedup", "skipped", "PSNR lat", "SSIM lat", "PSNR img", "SSIM img",
            "peak MB", "status"]
 
 
@@ -70,7 +70,7 @@ def row(r: VariantResult) -> list[str]:
     if r.flops_source and r.flops_source.startswith("measured") and skipped != "-":
         skipped += "*"
     return [r.variant.label, _f(r.wall_median, ".3f"), _f(r.cpu_median, ".3f"), _f(r.speedup, ".2f") + ("x" if r.speedup else ""),
-            skipped, _f(fid.get("psnr_latent"), ".2f"), _f(fid.get("ssim_latent"), ".4f"),
+            _f(r.cpu_speedup, ".2f") + ("x" if r.cpu_speedup else ""), skipped, _f(fid.get("psnr_latent"), ".2f"), _f(fid.get("ssim_latent"), ".4f"),
             _f(fid.get("psnr_image"), ".2f"), _f(fid.get("ssim_image"), ".4f"), _f(r.peak_mem_mb, ".1f"), status]
 
 
@@ -93,7 +93,7 @@ def markdown_table(results: list[VariantResult]) -> str:
 
 
 LEGEND = ("wall/cpu s: median over the timed repeats (process CPU time for cpu s); speedup: baseline median wall / "
-          "variant median wall; skipped: fraction of transformer FLOPs skipped (ditaccel's own count, or "
+          "variant median wall (cpu speedup: the same with CPU time, steadier on a loaded machine); skipped: fraction of transformer FLOPs skipped (ditaccel's own count, or "
           "* measured with torch FlopCounterMode against the full run for peers); PSNR/SSIM against full compute "
           "of the same seed, on the final latents (data range of the reference) and on the decoded images in "
           "[0, 1]; peak MB: peak memory above the start of the untimed run (sampled process RSS on CPU, "
