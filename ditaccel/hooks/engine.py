@@ -141,7 +141,9 @@ class Engine:
     def _profiled_modules(self) -> list[nn.Module]:
         modules = [block for _, block, _ in self.adapter.blocks()]
         modules += [attn for _, attn in self.adapter.attention_modules()]
-        return modules
+        for _, block, _ in self.adapter.blocks():  # attention + MLP submodules (per-module caches)
+            modules += [m for _, m in self.adapter.compute_modules(block)]
+        return list({id(m): m for m in modules}.values())
 
     def record_profile(self, call: CallState) -> None:
         call.profile = call.profiler.profile()

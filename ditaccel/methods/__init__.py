@@ -1,6 +1,6 @@
 """One module per method: the algorithms. Importing this package registers every method."""
 
-from . import step_cache  # noqa: F401
+from . import delta_cache, step_cache, taylorseer  # noqa: F401
 from .clear import CLEARConfig  # noqa: F401
 from .configs import (  # noqa: F401
     DeltaCacheConfig,

@@ -27,6 +27,11 @@ def _check_block_range(name: str, field: str, value) -> None:
         raise ConfigError(f"{name}.{field} must satisfy 0 <= start < stop, got {value}.")
 
 
+def _check_bool(name: str, field: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}.{field} must be True or False, got {describe(value)}.")
+
+
 def _check_dtype(name: str, value) -> None:
     if value not in _CACHE_DTYPES:
         raise ConfigError(f"{name}.cache_dtype must be one of None, torch.float32, torch.float16, torch.bfloat16; "
@@ -37,8 +42,12 @@ def _check_dtype(name: str, value) -> None:
 class DeltaCacheConfig(MethodConfig):
     """Δ-DiT: cache Δ = output − input of a block range; rear blocks before ``boundary_step``, front after.
 
-    ``threshold`` > 0 turns on the adaptive controller (relative L1 change of the first computed
-    block's residual decides whether the cached range is recomputed).
+    Block ranges are ``(start, stop)`` indices over all blocks in execution order and must lie inside
+    one segment (``adapter.segments()``); by default the largest segment is split into a front and a
+    rear half. ``boundary_step`` defaults to 40% of the steps (rear range only when the step count is
+    unknown). ``threshold`` > 0 turns on the adaptive controller: block 0 is computed every step as a
+    probe and the relative L1 change of its residual since the last full step decides whether the
+    active range is recomputed (``interval`` is then unused; ``max_consecutive_cached`` caps runs).
     """
 
     interval: int = 2
@@ -49,11 +58,12 @@ class DeltaCacheConfig(MethodConfig):
     final_steps: int = 1
     threshold: float = 0.0
     max_consecutive_cached: int = 4
+    uncond_follows_cond: bool = True
     cache_dtype: torch.dtype | None = None
 
     def validate(self) -> None:
         n = type(self).__name__
-        check_int(n, "interval", self.interval, minimum=1)
+        check_int(n, "interval", self.interval, minimum=1, maximum=1000)
         if self.boundary_step is not None:
             check_int(n, "boundary_step", self.boundary_step, minimum=0)
         _check_block_range(n, "front_blocks", self.front_blocks)
@@ -62,12 +72,23 @@ class DeltaCacheConfig(MethodConfig):
         check_int(n, "final_steps", self.final_steps, minimum=0)
         check_float(n, "threshold", self.threshold, minimum=0.0)
         check_int(n, "max_consecutive_cached", self.max_consecutive_cached, minimum=1)
+        _check_bool(n, "uncond_follows_cond", self.uncond_follows_cond)
         _check_dtype(n, self.cache_dtype)
 
 
 @dataclass(frozen=True)
 class TaylorSeerConfig(MethodConfig):
-    """TaylorSeer: full compute every ``interval`` steps, Taylor forecast of module outputs in between."""
+    """TaylorSeer: full compute every ``interval`` steps, Taylor forecast of module outputs in between.
+
+    ``order`` is the highest finite difference kept (0 = plain reuse). ``granularity="module"``
+    forecasts the attention and MLP outputs of each block (``adapter.compute_modules``; the block's
+    norms, gates and residual adds still run); blocks without a separate MLP module (FLUX single
+    blocks) are forecast whole, as in the paper's FLUX code. ``"block"`` forecasts the residual
+    (output − input streams) of each run of blocks and skips the blocks entirely. ``formula``:
+    ``"newton"`` (interpolating polynomial over the actual full steps, exact for polynomials of
+    degree ≤ order) or ``"taylor"`` (the paper's Σ d_i·k^i form). ``threshold`` > 0: adaptive —
+    block 0 is computed every step and the error of its own Taylor forecast decides.
+    """
 
     interval: int = 4
     order: int = 1
@@ -76,17 +97,21 @@ class TaylorSeerConfig(MethodConfig):
     granularity: str = "module"  # "module" (attention/MLP outputs before the gate) or "block"
     threshold: float = 0.0  # > 0: adaptive controller on the forecast error
     max_consecutive_cached: int = 6
+    formula: str = "newton"
+    uncond_follows_cond: bool = True
     cache_dtype: torch.dtype | None = None
 
     def validate(self) -> None:
         n = type(self).__name__
-        check_int(n, "interval", self.interval, minimum=1)
+        check_int(n, "interval", self.interval, minimum=1, maximum=1000)
         check_int(n, "order", self.order, minimum=0, maximum=4)
         check_int(n, "warmup_steps", self.warmup_steps, minimum=0)
         check_int(n, "final_steps", self.final_steps, minimum=0)
         check_choice(n, "granularity", self.granularity, ("module", "block"))
         check_float(n, "threshold", self.threshold, minimum=0.0)
         check_int(n, "max_consecutive_cached", self.max_consecutive_cached, minimum=1)
+        check_choice(n, "formula", self.formula, ("newton", "taylor"))
+        _check_bool(n, "uncond_follows_cond", self.uncond_follows_cond)
         _check_dtype(n, self.cache_dtype)
 
 
