@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {n: {"wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n])} for n in names}
     result = {
         "machine": f"{cpu_model()}, torch {torch.__version__}, {args.threads} thread(s)",
-        "setting": f"tiny random FLUX, {model.description.split(', ', 1)[1]}, {args.steps} steps, output_type=latent",
+        "setting": f"{model.description}, {args.steps} steps, output_type=latent",
         "repeats": args.repeats, "median": med, "wall_s": wall, "cpu_s": cpu, "bit_identical": identical,
         "stats_off": handles["off"].stats(),
     }
