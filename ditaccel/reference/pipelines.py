@@ -167,7 +167,11 @@ def load_reference_pipeline(
     none_components: dict[str, Any] = {"text_encoder": None, "tokenizer": None}
     if REFERENCE_MODELS[name]["kind"] == "flux":
         none_components.update(text_encoder_2=None, tokenizer_2=None)
-    pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **none_components)
+    from diffusers.utils import deprecation_utils
+
+    # diffusers >= 0.36 renamed ``torch_dtype`` to ``dtype`` (the old name still works, with a warning)
+    dtype_kw = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    pipe = cls.from_pretrained(str(path), local_files_only=True, **{dtype_kw: dtype}, **none_components)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe, load_reference_prompts(name, path)

@@ -25,8 +25,8 @@ Conditioning is one fixed random T5-like ``prompt_embeds`` (8 tokens x 64) and o
 
 The number of optimisation steps is fixed by ``--vae-steps``/``--dit-steps`` so a given seed
 reproduces the same weights on the same software stack.  ``--minutes`` is only a wall-clock
-safety cap: if it is hit, training stops early (and the log records it), which is then no
-longer step-for-step reproducible.
+safety cap: if it is hit, DiT training stops early and ``train_log.json`` records
+``reproduce_with`` (``--dit-steps N --dit-stop-after K``), which replays exactly that run.
 """
 
 from __future__ import annotations
@@ -205,6 +205,8 @@ def train_dit(
     gen: torch.Generator,
     deadline: float,
     log: dict,
+    stop_after: int | None = None,
+    start_step: int = 0,
 ) -> dict:
     params = [p for p in transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -213,9 +215,11 @@ def train_dit(
     transformer.train()
     losses, losses_hi = [], []
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start_step, steps):
         for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, warmup=40)
+            # a resumed stage starts with fresh Adam moments: re-warm over 10 steps
+            rewarm = min(1.0, (step - start_step + 1) / 10) if start_step else 1.0
+            group["lr"] = _cosine_lr(step, steps, lr, warmup=40) * rewarm
         hires = hires_every > 0 and step % hires_every == hires_every - 1
         size, b = (128, max(1, batch // 4)) if hires else (64, batch)
         x, labels = make_images(b, size, gen)
@@ -252,17 +256,21 @@ def train_dit(
         if step % 25 == 0 or step == steps - 1:
             el = time.time() - t0
             avg = sum(losses[-25:]) / max(1, len(losses[-25:]))
+            done = step + 1 - start_step
             print(
                 f"[dit] step {step:4d}/{steps} loss(avg25,64px) {avg:.4f} grad {gn.item():.2f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {el:.0f}s (eta {el / (step + 1) * (steps - step - 1):.0f}s)",
+                f"lr {opt.param_groups[0]['lr']:.2e} {el:.0f}s (eta {el / done * (steps - step - 1):.0f}s)",
                 flush=True,
             )
+        if stop_after is not None and step + 1 >= stop_after:
+            break
         if time.time() > deadline:
             print(f"[dit] wall-clock cap reached at step {step}; stopping early", flush=True)
             log["dit_stopped_early_at"] = step
+            log["reproduce_with"] = f"--dit-steps {steps} --dit-stop-after {step + 1}"
             break
     transformer.eval()
-    log["dit_steps_done"] = len(losses) + len(losses_hi)
+    log["dit_steps_done"] = start_step + len(losses) + len(losses_hi)
     log["dit_seconds"] = time.time() - t0
     log["dit_final_loss_avg50_64px"] = sum(losses[-50:]) / max(1, len(losses[-50:]))
     log["dit_final_loss_avg10_128px"] = sum(losses_hi[-10:]) / max(1, len(losses_hi[-10:]))
@@ -300,12 +308,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output pipeline folder (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock safety cap for both stages together")
-    ap.add_argument("--vae-steps", type=int, default=300)
+    ap.add_argument("--vae-steps", type=int, default=450)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
-    ap.add_argument("--dit-steps", type=int, default=1100)
+    ap.add_argument("--dit-steps", type=int, default=800)
     ap.add_argument("--dit-batch", type=int, default=16)
-    ap.add_argument("--dit-lr", type=float, default=7e-4)
+    ap.add_argument("--dit-lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--dit-stop-after",
+        type=int,
+        default=None,
+        help="stop after this many DiT steps (LR schedule still planned for --dit-steps); reproduces a run the wall-clock cap cut short",
+    )
+    ap.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="continue DiT training from a saved pipeline folder (its VAE is reused, VAE training skipped)",
+    )
+    ap.add_argument("--dit-start-step", type=int, default=0, help="with --resume-from: step to resume the LR schedule at")
     ap.add_argument("--hires-every", type=int, default=6, help="every N-th DiT step uses 128x128 images (0: never)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-stats", action="store_true", help="skip writing sample_stats.json after training")
@@ -320,26 +341,43 @@ def main(argv: list[str] | None = None) -> None:
 
     log["diffusers"] = diffusers.__version__
 
-    gen = torch.Generator().manual_seed(args.seed)
-    vae = build_vae()
-    vae_deadline = start + 60 * args.minutes * 0.2
-    train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, gen, min(deadline, vae_deadline), log)
-    # latent statistics -> shift/scale so normalised latents are ~zero-mean unit-variance
-    with torch.no_grad():
-        x, _ = make_images(256, 64, torch.Generator().manual_seed(args.seed + 1))
-        z = vae.encode(x).latent_dist.mean
-    shift, scale = z.mean().item(), 1.0 / z.std().item()
-    vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scale, 5))
-    log.update(vae_eval(vae, torch.Generator().manual_seed(args.seed + 2)))
-    log["shift_factor"], log["scaling_factor"] = vae.config.shift_factor, vae.config.scaling_factor
-    print(f"[vae] eval {json.dumps({k: log[k] for k in ('vae_psnr_db', 'shift_factor', 'scaling_factor')})}", flush=True)
-    for p in vae.parameters():
-        p.requires_grad_(False)
+    if args.resume_from is not None:
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        prev = args.resume_from / "train_log.json"
+        log["previous_stage"] = json.loads(prev.read_text()) if prev.is_file() else None
+        # resumed stages draw fresh data from a generator keyed on (seed, start step)
+        gen = torch.Generator().manual_seed(args.seed * 100_003 + args.dit_start_step)
+        vae = AutoencoderKL.from_pretrained(args.resume_from / "vae").to(torch.float32).eval()
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        log["shift_factor"], log["scaling_factor"] = vae.config.shift_factor, vae.config.scaling_factor
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        vae = build_vae()
+        vae_deadline = start + 60 * args.minutes * 0.2
+        train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, gen, min(deadline, vae_deadline), log)
+        # latent statistics -> shift/scale so normalised latents are ~zero-mean unit-variance
+        with torch.no_grad():
+            x, _ = make_images(256, 64, torch.Generator().manual_seed(args.seed + 1))
+            z = vae.encode(x).latent_dist.mean
+        shift, scale = z.mean().item(), 1.0 / z.std().item()
+        vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scale, 5))
+        log.update(vae_eval(vae, torch.Generator().manual_seed(args.seed + 2)))
+        log["shift_factor"], log["scaling_factor"] = vae.config.shift_factor, vae.config.scaling_factor
+        print(f"[vae] eval {json.dumps({k: log[k] for k in ('vae_psnr_db', 'shift_factor', 'scaling_factor')})}", flush=True)
+        for p in vae.parameters():
+            p.requires_grad_(False)
 
     prompt_embeds, pooled, index = make_prompt_table(args.seed)
-    transformer = build_transformer()
+    if args.resume_from is not None:
+        transformer = FluxTransformer2DModel.from_pretrained(args.resume_from / "transformer").to(torch.float32)
+    else:
+        transformer = build_transformer()
     ema = train_dit(
-        transformer, vae, prompt_embeds, pooled, args.dit_steps, args.dit_batch, args.dit_lr, args.hires_every, gen, deadline, log
+        transformer, vae, prompt_embeds, pooled, args.dit_steps, args.dit_batch, args.dit_lr, args.hires_every, gen, deadline, log,
+        stop_after=args.dit_stop_after,
+        start_step=args.dit_start_step if args.resume_from is not None else 0,
     )
     transformer.load_state_dict(ema)
     log["total_minutes"] = (time.time() - start) / 60
