@@ -9,7 +9,7 @@ from torch import nn
 
 from .adapters.registry import adapter_for, find_transformer
 from .config import MethodConfig, apply_function_for, resolve_configs
-from .errors import ConfigError, describe
+from .errors import ConfigError, DitAccelError, describe
 from .hooks.engine import Engine
 
 _HANDLE_ATTR = "_ditaccel_handle"
@@ -49,6 +49,12 @@ class AccelerationHandle:
 
     def set_num_steps(self, total_steps: int | None) -> None:
         """For a bare transformer (no pipeline scheduler to read): the step count of each generation."""
+        if not self.active:
+            raise DitAccelError("set_num_steps was called on a removed AccelerationHandle: expected an active "
+                                "handle. Enable again (handle = ditaccel.enable_acceleration(...)) and use the new one.")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ConfigError(f"set_num_steps expects a step count >= 1 or None, got {describe(total_steps)}.")
         self._engine.clock.set_num_steps(total_steps)
 
     def remove(self) -> None:
@@ -74,7 +80,8 @@ class AccelerationHandle:
 
 
 def enable_acceleration(pipe_or_model, config: Any = "balanced", *, family: str | None = None,
-                        count_flops: bool = True, **overrides) -> AccelerationHandle:
+                        count_flops: bool = True, nan_guard: bool = True, sync_ranks: bool | str = "auto",
+                        **overrides) -> AccelerationHandle:
     """Accelerate a diffusers DiT pipeline (or a bare transformer) in place.
 
     Args:
@@ -84,6 +91,15 @@ def enable_acceleration(pipe_or_model, config: Any = "balanced", *, family: str 
         family: force a model family instead of detecting it from the transformer class.
         count_flops: profile the FLOPs of the first call of each input shape, for
             ``stats()["flops_skipped_fraction"]``.
+        nan_guard: after a transformer call in which a method cached, forecast or sparsified, check
+            that its output is finite; if not, run the call again in full (caches refreshed from it),
+            warn once and count it in ``stats()["nonfinite_fallbacks"]``. One ``isfinite`` reduction
+            of the output per approximated call.
+        sync_ranks: ``"auto"`` (default): under ``torch.distributed`` with more than one rank, every
+            data-dependent decision (adaptive thresholds, non-finite fallbacks) is agreed across the
+            ranks of the default process group (compute if any rank wants to), so collectives inside
+            the model stay paired. ``False``: each rank decides alone (only safe when each rank runs
+            its own, unsharded generation). ``True``: the same as ``"auto"``.
         **overrides: fields of the chosen method config(s), e.g. ``interval=3``.
 
     Enabling again replaces the previous acceleration. On any error nothing stays attached.
@@ -91,6 +107,11 @@ def enable_acceleration(pipe_or_model, config: Any = "balanced", *, family: str 
     configs = resolve_configs(config, overrides)
     if not isinstance(count_flops, bool):
         raise ConfigError(f"count_flops must be True or False, got {describe(count_flops)}.")
+    if not isinstance(nan_guard, bool):
+        raise ConfigError(f"nan_guard must be True or False, got {describe(nan_guard)}.")
+    if not (isinstance(sync_ranks, bool) or (isinstance(sync_ranks, str) and sync_ranks == "auto")):
+        raise ConfigError(f"sync_ranks must be 'auto', True or False, got {describe(sync_ranks)}. "
+                          "Use 'auto' (the default) unless each rank runs its own unsharded generation.")
     model, pipeline = find_transformer(pipe_or_model)
     adapter = adapter_for(model, family=family)
     apply_fns = [apply_function_for(c) for c in configs]
@@ -98,8 +119,13 @@ def enable_acceleration(pipe_or_model, config: Any = "balanced", *, family: str 
     previous = getattr(model, _HANDLE_ATTR, None)
     if previous is not None:
         previous.remove()
+    # The pipeline's transformer was swapped since it was enabled: the old transformer's handle
+    # follows this pipeline's scheduler, so it is removed too (the old transformer is plain again).
+    stale = getattr(pipeline, _HANDLE_ATTR, None) if pipeline is not None else None
+    if stale is not None and stale is not previous and stale.active:
+        stale.remove()
 
-    engine = Engine(adapter, pipeline=pipeline, count_flops=count_flops)
+    engine = Engine(adapter, pipeline=pipeline, count_flops=count_flops, nan_guard=nan_guard, sync_ranks=sync_ranks)
     methods = [fn(engine, c) for fn, c in zip(apply_fns, configs)]
     engine.install(methods)
     owner = pipeline if pipeline is not None else model

@@ -54,15 +54,16 @@ def check_float(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{cls_name}.{name} must be a number, got {describe(value)}.")
+    span = f" in [{minimum}, {maximum}]" if minimum is not None and maximum is not None else ""
     if value != value:
-        raise ConfigError(f"{cls_name}.{name} must be a number, got NaN.")
+        raise ConfigError(f"{cls_name}.{name} must be a number{span}, got NaN. Pass a finite number.")
     if minimum is not None:
         bad = value < minimum if min_inclusive else value <= minimum
         if bad:
             op = ">=" if min_inclusive else ">"
-            raise ConfigError(f"{cls_name}.{name} must be {op} {minimum}, got {value}.")
+            raise ConfigError(f"{cls_name}.{name} must be {op} {minimum}, got {value}. Use a value {op} {minimum}.")
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{cls_name}.{name} must be <= {maximum}, got {value}.")
+        raise ConfigError(f"{cls_name}.{name} must be <= {maximum}, got {value}. Use a value of at most {maximum}.")
 
 
 def check_choice(cls_name: str, name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -162,6 +163,11 @@ def resolve_configs(config: Any, overrides: dict[str, Any]) -> list[MethodConfig
                     f"config[{i}] must be a method config (e.g. ditaccel.StepCacheConfig()), got {describe(item)}."
                 )
             configs.append(item)
+    elif isinstance(config, type) and issubclass(config, MethodConfig):
+        raise ConfigError(
+            f"config must be a method config instance, got the class {config.__name__}. "
+            f"Call it: {config.__name__}() (with options, e.g. {config.__name__}(...))."
+        )
     else:
         raise ConfigError(
             f"config must be a preset name ({preset_names()}), a method config, or a list of method configs; "

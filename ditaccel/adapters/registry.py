@@ -73,7 +73,8 @@ def adapter_for(model: nn.Module, family: str | None = None) -> ModelAdapter:
     if family is not None:
         if family not in _ADAPTERS:
             raise UnsupportedModelError(
-                f"Unknown model family {family!r}. Registered families: {sorted(_ADAPTERS)}."
+                f"Unknown model family {family!r}. Registered families: {sorted(_ADAPTERS)}. "
+                "Pass one of them, or drop family= to detect the family from the transformer class."
             )
         adapter = _ADAPTERS[family].build(model)
     else:
@@ -84,6 +85,14 @@ def adapter_for(model: nn.Module, family: str | None = None) -> ModelAdapter:
             from .generic import generic_adapter
 
             adapter = generic_adapter(model)
+    if adapter.num_blocks == 0 and family is not None:
+        detected = _entry_for(model)
+        hint = (f"family {detected.family!r} is detected for it: drop family= or pass family={detected.family!r}"
+                if detected is not None and hasattr(detected, "family") else "drop family= to detect it")
+        raise UnsupportedModelError(
+            f"family={family!r} was forced, but {type(model).__name__} has none of the blocks of a {family} model "
+            f"(expected its block lists; found none). The family must match the transformer: {hint}."
+        )
     if adapter.num_blocks == 0:
         raise UnsupportedModelError(
             f"Found no transformer blocks in {type(model).__name__}. Supported families: {sorted(_ADAPTERS)}. "

@@ -289,6 +289,12 @@ class SparseAttentionMethod(InstalledMethod):
             # The FLOP profile of this input shape is being taken: keep it the dense count.
             self.counters["dense_profiled"] += 1
             return self.dense_attention(call, q, k, v)
+        if getattr(engine_call, "force_full", False):
+            # The NaN/Inf guard's full re-run: dense, and the layer's per-step state (SVG2 centroids,
+            # Re-ttention ratio/residual) is dropped so the next sparse step rebuilds it.
+            self.counters["dense_forced"] += 1
+            getattr(self, "_state", {}).pop(call.key, None)
+            return self.dense_attention(call, q, k, v)
         if self.is_dense(call):
             self.counters["dense"] += 1
             return self.dense_attention(call, q, k, v)

@@ -3,6 +3,7 @@ and the statistics, and runs them around every transformer call through one top-
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,8 @@ from torch import nn
 
 from ..adapters.base import ModelAdapter, read_arg
 from ..errors import CompositionError
-from .attach import attach_hook, detach_hook
+from .attach import attach_top_hook, detach_top_hook
+from .distributed import RankSync
 from .flops import FlopProfile, FlopProfiler
 from .method import InstalledMethod
 from .step_clock import StepClock, StepInfo
@@ -31,6 +33,26 @@ class CallState:
     profiler: FlopProfiler | None = None
     skipped_flops: float = 0.0
     scratch: dict = field(default_factory=dict)
+    # NaN/Inf guard (see Engine._needs_rerun): ``force_full`` tells every method to compute this call
+    # in full and refresh its caches from it; ``rerun`` marks a call whose output must be recomputed.
+    force_full: bool = False
+    rerun: bool = False
+    approx_before: int = 0
+
+
+# Counters that grow when a method returns something other than the full computation.
+APPROXIMATION_COUNTERS = ("cached", "forecast", "sparse", "sparse_calls")
+
+
+def all_finite(output: Any) -> bool:
+    """True when every floating tensor in ``output`` (tensor, tuple/list, dict / BaseOutput) is finite."""
+    if isinstance(output, torch.Tensor):
+        return not output.is_floating_point() or bool(torch.isfinite(output).all())
+    if isinstance(output, dict):
+        return all(all_finite(v) for v in output.values())
+    if isinstance(output, (tuple, list)):
+        return all(all_finite(v) for v in output)
+    return True
 
 
 class _TransformerHook(ModelHook):
@@ -39,18 +61,26 @@ class _TransformerHook(ModelHook):
         self.engine = engine
 
     def new_forward(self, module, *args, **kwargs):
-        call = self.engine.begin_call(args, kwargs)
+        engine = self.engine
+        call = engine.begin_call(args, kwargs)
+        output = engine.end_call(call, self._forward(call))
+        if call.rerun:  # an approximated result was not finite: the same call again, in full
+            call = engine.begin_rerun(call)
+            output = engine.end_call(call, self._forward(call))
+        return output
+
+    def _forward(self, call: CallState):
         if call.profiler is not None:
             with call.profiler:
                 output = self.fn_ref.original_forward(*call.args, **call.kwargs)
             self.engine.record_profile(call)
-        else:
-            output = self.fn_ref.original_forward(*call.args, **call.kwargs)
-        return self.engine.end_call(call, output)
+            return output
+        return self.fn_ref.original_forward(*call.args, **call.kwargs)
 
 
 class Engine:
-    def __init__(self, adapter: ModelAdapter, pipeline=None, count_flops: bool = True):
+    def __init__(self, adapter: ModelAdapter, pipeline=None, count_flops: bool = True, nan_guard: bool = True,
+                 sync_ranks: bool | str = "auto"):
         self.adapter = adapter
         self.model: nn.Module = adapter.model
         self.pipeline = pipeline
@@ -61,6 +91,11 @@ class Engine:
         self._profiles: dict[Any, FlopProfile] = {}
         self._signature = None
         self._hook_attached = False
+        # NaN/Inf guard and rank agreement (every data-dependent decision goes through ``sync``).
+        self.nan_guard = nan_guard
+        self.sync = RankSync(sync_ranks)
+        self.nonfinite_fallbacks = 0
+        self._warned: set[str] = set()
         self.totals = {"generations": 0, "steps": 0, "transformer_calls": 0, "flops_full": 0.0, "flops_skipped": 0.0}
 
     # -- install / remove (transactional) -------------------------------------------------------
@@ -81,7 +116,7 @@ class Engine:
                 owners[key] = (method.name, module_name)
         installed: list[InstalledMethod] = []
         try:
-            attach_hook(self.model, _TransformerHook(self), TRANSFORMER_HOOK)
+            attach_top_hook(self.model, _TransformerHook(self), TRANSFORMER_HOOK)
             self._hook_attached = True
             for method in methods:
                 method.install()
@@ -90,7 +125,7 @@ class Engine:
             for method in reversed(installed):
                 method.remove()
             if self._hook_attached:
-                detach_hook(self.model, TRANSFORMER_HOOK)
+                detach_top_hook(self.model, TRANSFORMER_HOOK)
                 self._hook_attached = False
             raise
         self.methods = installed
@@ -100,7 +135,7 @@ class Engine:
             method.remove()
         self.methods = []
         if self._hook_attached:
-            detach_hook(self.model, TRANSFORMER_HOOK)
+            detach_top_hook(self.model, TRANSFORMER_HOOK)
             self._hook_attached = False
         self.current_call = None
 
@@ -134,9 +169,44 @@ class Engine:
             t["generations"] += 1
         if info.branch == 0:
             t["steps"] += 1
+        call.approx_before = self._approximations()
         for method in self.methods:
             method.begin_call(call)
         return call
+
+    def begin_rerun(self, failed: CallState) -> CallState:
+        """The call ``failed`` again, with every method told to compute in full (``force_full``)."""
+        self.nonfinite_fallbacks += 1
+        self._warn_once("nonfinite", f"a cached, forecast or sparse result was not finite (NaN/Inf) at step "
+                        f"{failed.info.step}; this transformer call was recomputed in full and the caches refreshed "
+                        "from it. Later occurrences are counted in handle.stats()['nonfinite_fallbacks'].")
+        call = CallState(info=failed.info, args=failed.args, kwargs=failed.kwargs, profile=failed.profile,
+                         force_full=True)
+        self.current_call = call
+        for method in self.methods:
+            method.begin_call(call)
+        return call
+
+    def _approximations(self) -> int:
+        return sum(int(m.counters.get(k, 0)) for m in self.methods for k in APPROXIMATION_COUNTERS)
+
+    def _needs_rerun(self, call: CallState, output: Any) -> bool:
+        """After a call in which some method approximated: is the output non-finite (on any rank)?"""
+        if not self.nan_guard:
+            return False
+        if call.force_full:
+            if not all_finite(output):
+                self._warn_once("model_nonfinite", "the full model itself produced a non-finite output "
+                                "(NaN/Inf) on a call recomputed without any approximation; returned as is.")
+            return False
+        if call.skipped_flops <= 0 and self._approximations() == call.approx_before:
+            return False  # nothing approximated (same on every rank: the decisions are agreed)
+        return self.sync.agree(not all_finite(output))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"ditaccel: {message}", RuntimeWarning, stacklevel=4)
 
     def _profiled_modules(self) -> list[nn.Module]:
         modules = [block for _, block, _ in self.adapter.blocks()]
@@ -153,6 +223,10 @@ class Engine:
     def end_call(self, call: CallState, output: Any) -> Any:
         for method in reversed(self.methods):
             output = method.end_call(call, output)
+        if self._needs_rerun(call, output):
+            call.rerun = True  # the hook runs the call again with force_full; nothing counted for this one
+            self.current_call = None
+            return output
         if call.profile is not None:
             self.totals["flops_full"] += call.profile.total
             self.totals["flops_skipped"] += min(call.skipped_flops, call.profile.total)
@@ -170,6 +244,7 @@ class Engine:
     def reset_stats(self) -> None:
         for key in self.totals:
             self.totals[key] = 0 if isinstance(self.totals[key], int) else 0.0
+        self.nonfinite_fallbacks = 0
         for method in self.methods:
             method.counters.clear()
 
@@ -186,4 +261,5 @@ class Engine:
             "flops_computed": full - t["flops_skipped"],
             "flops_skipped_fraction": (t["flops_skipped"] / full) if full else 0.0,
             "bytes_held": int(sum(m.bytes_held() for m in self.methods)),
+            "nonfinite_fallbacks": self.nonfinite_fallbacks,  # calls recomputed in full by the NaN/Inf guard
         }

@@ -35,7 +35,7 @@ def _check_bool(name: str, field: str, value) -> None:
 def _check_dtype(name: str, value) -> None:
     if value not in _CACHE_DTYPES:
         raise ConfigError(f"{name}.cache_dtype must be one of None, torch.float32, torch.float16, torch.bfloat16; "
-                          f"got {describe(value)}.")
+                          f"got {describe(value)}. Use None to keep caches in the model's dtype.")
 
 
 @dataclass(frozen=True)

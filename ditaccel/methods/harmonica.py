@@ -128,7 +128,9 @@ class HarmoniCa(InstalledMethod):
         sched = self.schedule_for(info.total_steps)
         self._any_reuse = not bool(sched.all())
         step = min(info.step, sched.shape[0] - 1)
-        if info.step >= sched.shape[0]:
+        if call.force_full:
+            self._row = None  # the NaN/Inf guard's full re-run: every group computes and refreshes its cache
+        elif info.step >= sched.shape[0]:
             self.warn_once("past_end", f"step {info.step} is past the router's {sched.shape[0]} steps; computed in full.")
             self._row = None
         else:
@@ -145,14 +147,14 @@ class HarmoniCa(InstalledMethod):
             return True
         if self.config.forecast:
             s = self.series.get((self._branch, self._index[id(seg)]))
-            if s is None or not s.ready:
+            if self.engine.sync.agree(s is None or not s.ready):  # ready is data-dependent (non-finite)
                 if s is not None and s.nonfinite:
                     self._nonfinite()
                 return True
             return False
         if not seg.has_residual():
             return True
-        if not seg.residual_is_finite():
+        if self.engine.sync.agree(not seg.residual_is_finite()):
             self._nonfinite()
             return True
         return False

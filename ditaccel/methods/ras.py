@@ -88,7 +88,7 @@ class RASConfig(MethodConfig):
                 "active_fraction.")
         if self.cache_dtype not in _CACHE_DTYPES:
             raise ConfigError(f"{n}.cache_dtype must be one of None, torch.float32, torch.float16, torch.bfloat16; "
-                              f"got {describe(self.cache_dtype)}.")
+                              f"got {describe(self.cache_dtype)}. Use None to keep caches in the model's dtype.")
 
     def resets_for(self, total_steps: int | None) -> tuple[int, ...]:
         if self.reset_steps is not None:
@@ -163,6 +163,15 @@ def _with_sample(output, sample):
     return output
 
 
+def _refuse_sequence_parallel(model) -> None:
+    if getattr(model, "_parallel_config", None) is not None:
+        raise CompositionError(
+            f"RAS cannot run on a {type(model).__name__} with a parallel config (diffusers context parallelism): "
+            "its token selection gathers image tokens by their index in the full sequence at the first block, where "
+            "each rank only holds a shard, and its per-token scores would differ per rank. Disable context "
+            "parallelism for this model, or use a step cache (StepCacheConfig, DeltaCacheConfig) instead of RAS.")
+
+
 class RAS(InstalledMethod):
     def __init__(self, engine, config: RASConfig):
         super().__init__(engine, config)
@@ -173,6 +182,7 @@ class RAS(InstalledMethod):
                 f"Supported: {token_families()} (see ditaccel/adapters/tokens.py).")
         self.facts = facts
         self.model = engine.model
+        _refuse_sequence_parallel(self.model)
         self.selector = TokenSelector(self.model, facts, "ras")
         if not self.selector.regions:
             raise UnsupportedModelError(f"RAS found none of the blocks {[r.blocks for r in facts.regions]} "
@@ -231,6 +241,7 @@ class RAS(InstalledMethod):
 
     # -- composition ---------------------------------------------------------------------------
     def _check_composition(self) -> None:
+        _refuse_sequence_parallel(self.model)  # parallelism may have been enabled after RAS
         regions = self.selector.regions
         block_ids = {id(b): r for r in regions for b in r.block_modules}
         inner_ids = {id(m) for r in regions for b in r.block_modules for m in b.modules() if m is not b}
@@ -278,9 +289,9 @@ class RAS(InstalledMethod):
         return total is not None and step >= total - c.final_steps
 
     def begin_call(self, call) -> None:
-        if not self._checked:
-            self._checked = True
+        if not self._checked:  # marked checked only once it passed: a refused composition fails every call
             self._check_composition()
+            self._checked = True
         info = call.info
         c = self.config
         self._mode = OFF
@@ -293,7 +304,8 @@ class RAS(InstalledMethod):
         n = active_count(c.active_fraction, n_img)
         st = self.branches.setdefault(info.branch, _BranchState())
         blocked = any(call.kwargs.get(a) is not None for a in self.facts.dense_if_args)
-        sparse = (n < n_img and not blocked and not self._dense_step(info.step, info.total_steps)
+        sparse = (n < n_img and not blocked and not call.force_full
+                  and not self._dense_step(info.step, info.total_steps)
                   and st.recorded and st.prev is not None and st.prev.shape[1] == n_img)
         if sparse:
             if st.stale is None:

@@ -74,14 +74,15 @@ class StepCache(InstalledMethod):
     def begin_call(self, call) -> None:
         info = call.info
         c = self.config
-        self._compute_now = is_compute_step(info.step, info.total_steps, c.interval, c.warmup_steps, c.final_steps)
+        self._compute_now = call.force_full or is_compute_step(info.step, info.total_steps, c.interval,
+                                                               c.warmup_steps, c.final_steps)
         for seg in self.segments:
             seg.branch = info.branch
 
     def _decide(self, seg: SegmentCache, h, e) -> bool:
         if self._compute_now or not seg.has_residual():
             return True
-        if not seg.residual_is_finite():
+        if self.engine.sync.agree(not seg.residual_is_finite()):  # data-dependent: agreed across ranks
             self.counters["nonfinite_fallbacks"] += 1
             self.warn_once("nonfinite", "a cached residual was not finite; computed the step in full instead.")
             return True
