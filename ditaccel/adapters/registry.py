@@ -48,14 +48,27 @@ def _entry_for(model: nn.Module) -> AdapterEntry | None:
     return None
 
 
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile(model)`` wrapper (``OptimizedModule``).
+
+    Our hooks go on the original module: the wrapper's compiled forward calls the original
+    module's ``__call__``, so dynamo traces through them. Hooking the wrapper itself gave the
+    generic adapter (the family is read from the class) and crashed dynamo's tracing.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
 def find_transformer(pipe_or_model) -> tuple[nn.Module, object | None]:
     """Return (transformer module, pipeline or None) for a pipeline or a bare model."""
     if isinstance(pipe_or_model, nn.Module):
-        return pipe_or_model, None
+        return _unwrap_compiled(pipe_or_model), None
     components = getattr(pipe_or_model, "components", None)
     transformer = getattr(pipe_or_model, "transformer", None)
     if isinstance(transformer, nn.Module):
-        return transformer, pipe_or_model
+        return _unwrap_compiled(transformer), pipe_or_model
     if isinstance(components, dict) and isinstance(components.get("unet"), nn.Module):
         raise UnsupportedModelError(
             f"{type(pipe_or_model).__name__} is a UNet pipeline; ditaccel accelerates diffusion transformers "

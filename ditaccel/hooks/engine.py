@@ -3,6 +3,7 @@ and the statistics, and runs them around every transformer call through one top-
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,13 @@ class Engine:
         self._profiles: dict[Any, FlopProfile] = {}
         self._signature = None
         self._hook_attached = False
+        # Weight-change detection (LoRA loaded / switched / rescaled / fused after enable): see
+        # _weights_key. ``_lora_layers`` is the cached list of peft tuner layers, rebuilt only when
+        # the set of loaded adapter names changes; ``_weights_seen`` holds the last (sampled, full) keys.
+        self._weights_seen: Any = (None, None)
+        self._lora_names: Any = None
+        self._lora_layers: list[nn.Module] = []
+        self.weight_changes = 0
         # NaN/Inf guard and rank agreement (every data-dependent decision goes through ``sync``).
         self.nan_guard = nan_guard
         self.sync = RankSync(sync_ranks)
@@ -153,6 +161,24 @@ class Engine:
         signature = self._signature_of(args, kwargs)
         timestep = read_arg(self.model, self.adapter.timestep_arg, args, kwargs)
         info = self.clock.tick(timestep, signature)
+        # Weights changed since the previous call (a LoRA loaded, unloaded, switched, rescaled,
+        # fused or unfused): every cached residual / feature / attention pattern was computed by
+        # other weights, so forget it, as for a new input signature, and re-profile the FLOPs
+        # (LoRA layers add matmuls). A new generation resets the methods anyway; this also covers
+        # changes in the middle of a generation (a step-end callback calling set_adapters) and
+        # hosts that drive the clock without announcing a new generation.
+        # Every call compares a sampled key (O(1)); the first call of a generation also compares
+        # the key of every LoRA layer.
+        sampled, full = self._weights_key(kwargs, full=info.new_generation)
+        seen_sampled, seen_full = self._weights_seen
+        if seen_sampled is not None and (sampled != seen_sampled or (full is not None and full != seen_full)):
+            if full is None:  # a change seen in the middle of a generation: keep the full key current
+                full = self._layer_states(self._lora_layers)
+            self.weight_changes += 1
+            self._profiles.clear()
+            if not info.reset:
+                info = dataclasses.replace(info, reset=True)
+        self._weights_seen = (sampled, full if full is not None else seen_full)
         if info.reset:
             for method in self.methods:
                 method.reset()
@@ -208,6 +234,51 @@ class Engine:
             self._warned.add(key)
             warnings.warn(f"ditaccel: {message}", RuntimeWarning, stacklevel=4)
 
+    def _weights_key(self, kwargs: dict, full: bool) -> tuple[tuple, tuple | None]:
+        """What the effective weights depend on beyond the values of the base parameters.
+
+        Covers what diffusers' LoRA API changes: the loaded adapter names (``load_lora_weights``,
+        ``delete_adapters``, ``unload_lora_weights``), each LoRA layer's active adapters,
+        per-adapter scaling and enable flag (``set_adapters``, ``enable/disable_lora``), its merged
+        adapters (``fuse_lora`` / ``unfuse_lora``), and the per-call LoRA ``scale`` of
+        ``joint_attention_kwargs`` / ``attention_kwargs``. No tensor is read.
+
+        Returns (sampled, full). ``sampled`` (every call, O(1)): adapter names, call scale and the
+        state of up to 8 evenly spaced LoRA layers; diffusers' API changes all layers alike, so
+        this sees set_adapters / fuse / enable / disable in the middle of a generation.
+        ``full`` (first call of a generation only, else None): the state of every LoRA layer
+        (a FLUX-dev LoRA on all linears has ~400; ~1-3 us each).
+        Not covered within one generation: changes to only some layers outside the sample
+        (per-block scale dicts), in-place edits of parameter values (``load_state_dict``, LoRA
+        hotswap); the per-generation reset covers those between generations.
+        """
+        extra = kwargs.get("joint_attention_kwargs") or kwargs.get("attention_kwargs")
+        call_scale = extra.get("scale") if isinstance(extra, dict) else None
+        peft_config = vars(self.model).get("peft_config")  # instance attribute set by peft's injection
+        names = tuple(peft_config) if isinstance(peft_config, dict) else ()
+        if names != self._lora_names:
+            self._lora_names = names
+            self._lora_layers = self._find_lora_layers() if names else []
+        layers = self._lora_layers
+        step = max(1, len(layers) // 8)
+        sampled = (names, call_scale, self._layer_states(layers[::step][:8] + layers[-1:]))
+        return sampled, (self._layer_states(layers) if full else None)
+
+    @staticmethod
+    def _layer_states(layers) -> tuple:
+        return tuple(
+            (tuple(layer.active_adapters), tuple(layer.merged_adapters), layer.disable_adapters,
+             tuple(getattr(layer, "scaling", {}).values()))
+            for layer in layers
+        )
+
+    def _find_lora_layers(self) -> list[nn.Module]:
+        try:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+        except ImportError:  # adapters named in peft_config but peft not importable: nothing to watch
+            return []
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
     def _profiled_modules(self) -> list[nn.Module]:
         modules = [block for _, block, _ in self.adapter.blocks()]
         modules += [attn for _, attn in self.adapter.attention_modules()]
@@ -244,6 +315,7 @@ class Engine:
     def reset_stats(self) -> None:
         for key in self.totals:
             self.totals[key] = 0 if isinstance(self.totals[key], int) else 0.0
+        self.weight_changes = 0
         self.nonfinite_fallbacks = 0
         for method in self.methods:
             method.counters.clear()
@@ -261,5 +333,6 @@ class Engine:
             "flops_computed": full - t["flops_skipped"],
             "flops_skipped_fraction": (t["flops_skipped"] / full) if full else 0.0,
             "bytes_held": int(sum(m.bytes_held() for m in self.methods)),
+            "weight_changes": self.weight_changes,  # resets caused by LoRA changes (see _weights_key)
             "nonfinite_fallbacks": self.nonfinite_fallbacks,  # calls recomputed in full by the NaN/Inf guard
         }
