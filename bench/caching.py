@@ -296,15 +296,18 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="run only methods whose name contains this")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers-only", action="store_true")
     ap.add_argument("--random", action="store_true", help="use the random-weight FLUX even if the reference exists")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe, kw, desc, compare_on = build_pipeline(force_random=args.random)
-    print(f"[bench] model: {desc}; fidelity on {compare_on}; threads {args.threads}; repeats {args.repeats}")
     rows = []
     for steps in args.steps:
-        methods = dict(our_methods())
+        # a fresh pipeline per step count: cache-dit leaves the transformer's forward patched after
+        # disable_cache, so its methods run last and nothing runs after them on the same model
+        pipe, kw, desc, compare_on = build_pipeline(force_random=args.random)
+        print(f"[bench] model: {desc}; fidelity on {compare_on}; threads {args.threads}; repeats {args.repeats}")
+        methods = {} if args.peers_only else dict(our_methods())
         if not args.no_peers:
             ratios = calibrate_magcache(pipe, kw, steps)
             if ratios:
