@@ -63,7 +63,7 @@ def test_off_balanced_remove(pipes, case):
     assert off_stats["methods"]["StepCache"]["cached"] == 0
     assert off_stats["methods"]["StepCache"]["computed"] > 0
 
-    handle = ditaccel.enable_acceleration(pipe, "balanced")
+    handle = ditaccel.enable_acceleration(pipe, ditaccel.StepCacheConfig(interval=2, warmup_steps=2))
     cached = _run(pipe, case, **run)
     stats = handle.stats()
     handle.remove()

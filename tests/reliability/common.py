@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from ditaccel.hooks.attach import count_our_hooks
@@ -34,6 +36,21 @@ def pristine(module: torch.nn.Module) -> bool:
         if fwd is not None and getattr(fwd, "__func__", None) is type(m).forward:
             return False
     return True
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS measures live
+    memory rather than what earlier tests in this process freed; no-op where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def rss_bytes() -> int:

@@ -11,7 +11,7 @@ import torch
 
 import ditaccel
 from ditaccel.hooks.attach import count_our_hooks
-from tests.reliability.common import approximated, flux_pipe, generate, pristine, rss_bytes
+from tests.reliability.common import approximated, flux_pipe, generate, pristine, release_freed_memory, rss_bytes
 
 SIZE = 64  # 32x32 latents, 256 image tokens
 WARMUP, GENERATIONS = 10, 100
@@ -36,13 +36,13 @@ def _config(name):
 def _rss_growth(pipe, generations: int, leak: list | None = None, handle=None) -> tuple[int, int]:
     for _ in range(WARMUP):
         generate(pipe, size=SIZE)
-    gc.collect()
+    release_freed_memory()
     base = rss_bytes()
     for _ in range(generations - WARMUP):
         generate(pipe, size=SIZE)
         if leak is not None:  # sensitivity check: keep one copy of the caches per generation
             leak.append(torch.empty(handle.stats()["bytes_held"] // 4 + 1).fill_(1.0))
-    gc.collect()
+    release_freed_memory()
     return rss_bytes() - base, base
 
 

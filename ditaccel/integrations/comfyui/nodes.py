@@ -9,7 +9,8 @@ from typing import Any
 from comfy_api.latest import ComfyExtension, io
 
 import ditaccel
-from ...config import MethodConfig, apply_function_for, preset_description, preset_names, resolve_configs
+from ...config import MethodConfig, apply_function_for, resolve_configs
+from ...methods.step_cache import StepCacheConfig
 from ...errors import ConfigError
 from .runtime import SCOPES, accelerate_model
 from .schema import (BOOL, CHOICE, DTYPE, FLOAT, INT, INT_LIMIT, INT_TUPLE, OPTIONAL_FLOAT, OPTIONAL_INT, STRING,
@@ -64,13 +65,25 @@ def _scope_input():
     return io.Combo.Input("cache_scope", options=list(SCOPES), default="auto", tooltip=SCOPE_TOOLTIP)
 
 
+# The diffusers presets use per-module TaylorSeer forecasts, whose plumbing (module hooks) has no
+# ComfyUI counterpart yet; in ComfyUI the same intents map to the block-stack step cache, which runs
+# through ComfyUI's own block patches.
+COMFY_PRESETS: dict[str, tuple[str, StepCacheConfig]] = {
+    "quality": ("block-stack cache every 2nd step after 4 warm-up steps, last 2 computed",
+                StepCacheConfig(interval=2, warmup_steps=4, final_steps=2)),
+    "balanced": ("block-stack cache every 2nd step after 2 warm-up steps", StepCacheConfig(interval=2, warmup_steps=2)),
+    "fast": ("block-stack cache, 2 of every 3 steps reused", StepCacheConfig(interval=3, warmup_steps=2)),
+    "off": ("hooks attached, nothing skipped (output bit-identical)", StepCacheConfig(interval=1)),
+}
+
+
 class DitAccelerate(io.ComfyNode):
     """The one-node entry: a preset plus the main schedule options."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        presets = preset_names()
-        lines = "; ".join(f"{p}: {preset_description(p)}" for p in presets)
+        presets = list(COMFY_PRESETS)
+        lines = "; ".join(f"{p}: {desc}" for p, (desc, _) in COMFY_PRESETS.items())
         return io.Schema(
             node_id="DitAccelerate",
             display_name="DiT Accelerate",
@@ -105,7 +118,9 @@ class DitAccelerate(io.ComfyNode):
             overrides["warmup_steps"] = int(warmup_steps)
         if final_steps >= 0:
             overrides["final_steps"] = int(final_steps)
-        configs = resolve_configs(preset, overrides)
+        if preset not in COMFY_PRESETS:
+            raise ConfigError(f"Unknown preset {preset!r}; expected one of {list(COMFY_PRESETS)}.")
+        configs = resolve_configs([COMFY_PRESETS[preset][1]], overrides)
         return io.NodeOutput(accelerate_model(model, configs, scope=cache_scope, verbose=verbose))
 
 

@@ -32,6 +32,7 @@ import torch
 from ...adapters.base import pack_output, unpack_output
 from ...config import MethodConfig, apply_function_for
 from ...errors import CompositionError, ConfigError, describe
+from ...hooks.distributed import RankSync
 from ...hooks.engine import CallState
 from ...hooks.method import STEP_CACHE
 from ...hooks.segment_cache import SegmentCache
@@ -110,6 +111,8 @@ class ComfyEngine:
         self.clock = StepClock()
         self.clock.begin_generation(self.total_steps)
         self.current_call: CallState | None = None
+        # One ComfyUI process samples on one device: decisions need no agreement across ranks.
+        self.sync = RankSync(False)
         self.methods = [apply_function_for(c)(self, c) for c in spec.configs]
         self.block_map: dict[tuple[str, int], tuple[SegmentCache, int]] = {}
         self.model_segment: SegmentCache | None = None
