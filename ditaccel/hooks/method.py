@@ -61,6 +61,31 @@ class InstalledMethod:
         out["bytes_held"] = int(self.bytes_held())
         return out
 
+    # -- helpers shared by the methods -------------------------------------------------------------
+    @staticmethod
+    def install_parts(parts) -> None:
+        """Install pieces (segments, module caches, probes) in order; on failure remove the installed ones."""
+        done = []
+        try:
+            for part in parts:
+                part.install()
+                done.append(part)
+        except BaseException:
+            for part in reversed(done):
+                part.remove()
+            raise
+
+    def count_segment(self, seg, computed: bool, skipped_kind: str = "cached") -> None:
+        """Count a segment's blocks as computed, or as ``skipped_kind`` with their FLOPs skipped."""
+        n = len(seg.entries)
+        if computed:
+            self.counters["computed"] += n
+            return
+        self.counters[skipped_kind] += n
+        call = self.engine.current_call
+        if call is not None:
+            call.skipped_flops += sum(self.engine.flops_of(b) for b in seg.blocks)
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)

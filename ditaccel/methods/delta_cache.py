@@ -103,15 +103,7 @@ class DeltaCache(InstalledMethod):
         return parts
 
     def install(self) -> None:
-        done = []
-        try:
-            for part in self._parts():
-                part.install()
-                done.append(part)
-        except BaseException:
-            for part in reversed(done):
-                part.remove()
-            raise
+        self.install_parts(self._parts())
 
     def remove(self) -> None:
         for part in reversed(self._parts()):
@@ -151,14 +143,7 @@ class DeltaCache(InstalledMethod):
         return False
 
     def _count(self, seg: SegmentCache, computed: bool) -> None:
-        n = len(seg.entries)
-        if computed:
-            self.counters["computed"] += n
-        else:
-            self.counters["cached"] += n
-            call = self.engine.current_call
-            if call is not None:
-                call.skipped_flops += sum(self.engine.flops_of(b) for b in seg.blocks)
+        self.count_segment(seg, computed)
 
     def bytes_held(self) -> int:
         return self.front.bytes_held() + self.rear.bytes_held() + self.controller.bytes_held()

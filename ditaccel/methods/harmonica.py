@@ -103,15 +103,7 @@ class HarmoniCa(InstalledMethod):
         return [(STEP_CACHE, block, name) for seg in self.groups for name, block, _ in seg.entries]
 
     def install(self) -> None:
-        done = []
-        try:
-            for seg in self.groups:
-                seg.install()
-                done.append(seg)
-        except BaseException:
-            for seg in reversed(done):
-                seg.remove()
-            raise
+        self.install_parts(self.groups)
 
     def remove(self) -> None:
         for seg in reversed(self.groups):
@@ -167,14 +159,7 @@ class HarmoniCa(InstalledMethod):
         return self._any_reuse
 
     def _count(self, seg, computed: bool) -> None:
-        n = len(seg.entries)
-        if computed:
-            self.counters["computed"] += n
-            return
-        self.counters["forecast" if self.config.forecast else "cached"] += n
-        call = self.engine.current_call
-        if call is not None:
-            call.skipped_flops += sum(self.engine.flops_of(b) for b in seg.blocks)
+        self.count_segment(seg, computed, "forecast" if self.config.forecast else "cached")
 
     def _provide(self, seg):
         s = self.series[(self._branch, self._index[id(seg)])]

@@ -53,15 +53,7 @@ class StepCache(InstalledMethod):
         return [(STEP_CACHE, block, name) for seg in self.segments for name, block, _ in seg.entries]
 
     def install(self) -> None:
-        done = []
-        try:
-            for seg in self.segments:
-                seg.install()
-                done.append(seg)
-        except BaseException:
-            for seg in done:
-                seg.remove()
-            raise
+        self.install_parts(self.segments)
 
     def remove(self) -> None:
         for seg in self.segments:
@@ -92,14 +84,7 @@ class StepCache(InstalledMethod):
         return self.config.interval > 1
 
     def _count(self, seg: SegmentCache, computed: bool) -> None:
-        n = len(seg.entries)
-        if computed:
-            self.counters["computed"] += n
-        else:
-            self.counters["cached"] += n
-            call = self.engine.current_call
-            if call is not None:
-                call.skipped_flops += sum(self.engine.flops_of(b) for b in seg.blocks)
+        self.count_segment(seg, computed)
 
     def bytes_held(self) -> int:
         return sum(seg.bytes_held() for seg in self.segments)

@@ -104,15 +104,7 @@ class TaylorSeer(InstalledMethod):
         return parts
 
     def install(self) -> None:
-        done = []
-        try:
-            for part in self._parts():
-                part.install()
-                done.append(part)
-        except BaseException:
-            for part in reversed(done):
-                part.remove()
-            raise
+        self.install_parts(self._parts())
 
     def remove(self) -> None:
         for part in reversed(self._parts()):
@@ -195,14 +187,7 @@ class TaylorSeer(InstalledMethod):
         return self.config.interval > 1 or self.adaptive
 
     def _count_segment(self, seg, computed: bool) -> None:
-        n = len(seg.entries)
-        if computed:
-            self.counters["computed"] += n
-        else:
-            self.counters["forecast"] += n
-            call = self.engine.current_call
-            if call is not None:
-                call.skipped_flops += sum(self.engine.flops_of(b) for b in seg.blocks)
+        self.count_segment(seg, computed, "forecast")
 
     def _provide_segment(self, seg):
         key = ("s", self._seg_index[id(seg)])
