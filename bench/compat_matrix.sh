@@ -22,6 +22,9 @@ PY_MAIN="$ROOT/.venv/bin/python"
 VENV035="${VENV035:-/tmp/ditaccel-diffusers035}"
 DIFFUSERS_LOW="${DIFFUSERS_LOW:-0.35.*}"
 CORE=(tests/test_api.py tests/hooks tests/adapters tests/compat)
+LOG_DIR="${LOG_DIR:-/tmp/ditaccel-compat-matrix}"
+FAILED=0
+mkdir -p "$LOG_DIR"
 export OMP_NUM_THREADS=1
 
 run_tests() {  # $1 python, $2 label, rest: extra pytest args
@@ -29,8 +32,12 @@ run_tests() {  # $1 python, $2 label, rest: extra pytest args
   local version
   version="$("$py" -c 'import diffusers; print(diffusers.__version__)' 2>/dev/null | tail -1)"
   echo "=== $label: diffusers $version"
+  local status=0
   (cd "$ROOT" && PYTHONPATH="$ROOT" "$py" -m pytest -q -p no:cacheprovider "${CORE[@]}" "$@" ${PYTEST_ARGS:-}) \
-    | tail -n 15
+    > "$LOG_DIR/pytest-$version.log" 2>&1 || status=$?
+  tail -n 15 "$LOG_DIR/pytest-$version.log"
+  echo "=== $label: pytest exit status $status (full log: $LOG_DIR/pytest-$version.log)"
+  [[ $status -eq 0 ]] || FAILED=1
 }
 
 if [[ "$MODE" == "versions" ]]; then
@@ -42,7 +49,7 @@ if [[ "$MODE" == "versions" ]]; then
   fi
   run_tests "$PY_MAIN" "upper end (project venv)"
   run_tests "$VENV035/bin/python" "lower end ($VENV035)" -k "not qwenimage or unpadded"
-  exit 0
+  exit "$FAILED"
 fi
 
 if [[ "$MODE" != "perf" ]]; then

@@ -21,7 +21,7 @@ from ditaccel.hooks.method import InstalledMethod
 from helpers.tiny import TEXT_DIM, POOLED_DIM, _flow_scheduler, _kl_vae, call_kwargs, output_of, tiny_pipeline
 
 # relative L2 error of accelerated vs un-accelerated output, per method, on the tiny models
-TOLERANCE = {"StepCache": 0.02, "TaylorSeer": 0.03, "DeltaCache": 0.02}
+TOLERANCE = {"StepCache": 0.02, "TaylorSeer": 0.03, "DeltaCache": 0.02, "RAS": 0.03, "SVG2": 0.02}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,6 +64,19 @@ def caching_configs() -> list[tuple[str, object]]:
             seen.append(resolved)
             unique.append((cid, config))
     return unique
+
+
+def token_and_attention_configs() -> list[tuple[str, object]]:
+    """RAS (region-adaptive sampling) and SVG2 (sparse attention) with their default configs, when
+    registered: they keep state across calls too (reused tokens' K/V, k-means centroids).
+    (Rettention and CLEAR leave the tiny models' attention dense, so they are not listed.)"""
+    names = registered_methods()
+    return [(name, names[f"{name}Config"]()) for name in ("RAS", "SVG2") if f"{name}Config" in names]
+
+
+def approximated(stats: dict) -> bool:
+    """Some work was skipped: modules cached or forecast, or FLOPs saved by tokens / sparsity."""
+    return skipped(stats) > 0 or stats["flops_skipped_fraction"] > 0
 
 
 def method_name(config) -> str:

@@ -17,9 +17,9 @@ of compiling are covered:
   finds the original module inside the wrapper (``find_transformer`` unwraps it).
 
 Graph breaks (documented in docs/compatibility.md): the step clock reads the timestep as a Python
-float (``Tensor.item``) and the caches check their residual is finite before reusing it
-(``bool(tensor)``); each is one graph break per transformer call / per cached segment. They are
-cheap next to the blocks, and ``fullgraph=True`` is therefore not supported with ditaccel.
+float (``Tensor.item``), the caches check that cached tensors are finite before reusing them
+(``bool(tensor)``), the FLOP profiler runs in the first call of each input shape. They are cheap
+next to the blocks; ``fullgraph=True`` is not supported with ditaccel.
 """
 
 from __future__ import annotations
