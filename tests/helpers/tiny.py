@@ -343,3 +343,18 @@ def output_of(case: str, out) -> torch.Tensor:
         if value is not None:
             return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     return out[0]
+
+
+def run_plain_and_accelerated(case: str, config, steps: int = 3, size: tuple[int, int] | None = None,
+                              cfg: bool = False):
+    """(plain output, accelerated output, handle stats) of one tiny pipeline of ``case`` with the same inputs."""
+    import ditaccel
+
+    pipe = tiny_pipeline(case)
+    kw = {} if size is None else dict(zip(("height", "width"), size))
+    ref = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
+    handle = ditaccel.enable_acceleration(pipe, config)
+    out = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
+    stats = handle.stats()
+    handle.remove()
+    return ref, out, stats

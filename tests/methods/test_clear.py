@@ -14,7 +14,7 @@ from ditaccel.attention.dispatch import AttentionSite
 from ditaccel.attention.masks import brute_force_clear_mask, tile_block_mask, tile_plan, window_plan
 from ditaccel.attention.reference import masked_attention
 from ditaccel.methods.clear import CLEAR, clear_attention
-from helpers.tiny import CASES, call_kwargs, output_of, tiny_pipeline
+from helpers.tiny import CASES, run_plain_and_accelerated
 
 
 def qkv(L, B=1, H=2, D=16, seed=0, dtype=torch.float64):
@@ -129,14 +129,7 @@ def test_bad_inputs_give_clear_errors():
 
 
 def _run(case, config, steps=3, size=None, cfg=False):
-    pipe = tiny_pipeline(case)
-    kw = {} if size is None else dict(zip(("height", "width"), size))
-    ref = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
-    handle = ditaccel.enable_acceleration(pipe, config)
-    out = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
-    stats = handle.stats()
-    handle.remove()
-    return ref, out, stats
+    return run_plain_and_accelerated(case, config, steps=steps, size=size, cfg=cfg)
 
 
 @pytest.mark.parametrize("case,size", [("flux", (64, 64)), ("sd3", (32, 32)), ("wan", (32, 32))])

@@ -12,7 +12,7 @@ import ditaccel
 from ditaccel.attention.reference import masked_attention
 from ditaccel.attention.sparse_method import attention_with_lse
 from ditaccel.methods.rettention import local_layout, local_sparse_attention, rettention_attention
-from helpers.tiny import CASES, call_kwargs, output_of, tiny_pipeline
+from helpers.tiny import CASES, run_plain_and_accelerated
 
 
 def smooth_qkv(grid, B=1, H=2, D=16, seed=0, noise=0.0, base=None):
@@ -121,14 +121,7 @@ def test_bad_inputs_give_clear_errors():
 
 
 def _run(case, config, steps=4, size=None, cfg=False):
-    pipe = tiny_pipeline(case)
-    kw = {} if size is None else dict(zip(("height", "width"), size))
-    ref = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
-    handle = ditaccel.enable_acceleration(pipe, config)
-    out = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
-    stats = handle.stats()
-    handle.remove()
-    return ref, out, stats
+    return run_plain_and_accelerated(case, config, steps=steps, size=size, cfg=cfg)
 
 
 ALWAYS_REFRESH = ditaccel.RettentionConfig(keep_fraction=0.05, refresh_interval=1, dense_steps_fraction=0.0)

@@ -12,7 +12,7 @@ import ditaccel
 from ditaccel.attention.kmeans import cluster_permutation, inertia, kmeans
 from ditaccel.attention.sparse_method import attention_with_lse, permute_tokens, unpermute_tokens
 from ditaccel.methods.svg2 import select_key_clusters, split_query_blocks, svg2_attention
-from helpers.tiny import CASES, call_kwargs, output_of, tiny_pipeline
+from helpers.tiny import CASES, run_plain_and_accelerated, tiny_pipeline
 
 
 def clustered_qkv(B=1, H=2, N=700, D=16, centres=12, noise=0.4, seed=0):
@@ -193,14 +193,7 @@ def test_bad_inputs_give_clear_errors():
 
 
 def _run(case, config, steps=3, size=None, cfg=False):
-    pipe = tiny_pipeline(case)
-    kw = {} if size is None else dict(zip(("height", "width"), size))
-    ref = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
-    handle = ditaccel.enable_acceleration(pipe, config)
-    out = output_of(case, pipe(**call_kwargs(case, steps=steps, cfg=cfg, **kw)))
-    stats = handle.stats()
-    handle.remove()
-    return ref, out, stats
+    return run_plain_and_accelerated(case, config, steps=steps, size=size, cfg=cfg)
 
 
 EXACT = ditaccel.SVG2Config(q_clusters=5, k_clusters=9, top_p=1.0, kmeans_iters_first=3, kmeans_iters=1,
