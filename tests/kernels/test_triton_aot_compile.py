@@ -55,6 +55,9 @@ print(json.dumps({"shared": kern.metadata.shared, "cubin": len(kern.asm["cubin"]
 CASES = {
     "bf16-d128-fixed64-sm90": dict(dtype="*bf16", HEAD_DIM=128, K_BLOCK=64, VAR_Q=False, VAR_K=False, IEEE_DOT=False,
                                    UPCAST=False, TILE_M=128, TILE_N=64, warps=8, stages=3, arch=90),
+    "bf16-d128-fixed128-even-subtiles-sm90": dict(dtype="*bf16", HEAD_DIM=128, K_BLOCK=128, VAR_Q=False, VAR_K=False,
+                                                  IEEE_DOT=False, UPCAST=False, TILE_M=128, TILE_N=64,
+                                                  warps=8, stages=3, arch=90),
     "fp16-d64-varlen-sm90": dict(dtype="*fp16", HEAD_DIM=64, K_BLOCK=0, VAR_Q=True, VAR_K=True, IEEE_DOT=False,
                                  UPCAST=False, TILE_M=64, TILE_N=64, warps=4, stages=2, arch=90),
     "fp32-d64-fixed128-sm80": dict(dtype="*fp32", HEAD_DIM=64, K_BLOCK=128, VAR_Q=False, VAR_K=False, IEEE_DOT=True,

@@ -39,13 +39,18 @@ def _configs():
     cfgs = []
     for tn in (16, 32, 64, 128):
         for tm in (16, 64, 128):
-            for warps, stages in ((4, 2), (4, 3), (8, 2)):
+            for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4)):
                 cfgs.append(triton.Config({"TILE_M": tm, "TILE_N": tn}, num_warps=warps, num_stages=stages))
     return cfgs
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep tiles that fit the logical block sizes; a fixed key block gets TILE_N == block_n."""
+    """Keep tiles that fit the logical block sizes.
+
+    A fixed power-of-two key block is walked in TILE_N sub-tiles (TILE_N <= block, a flat loop the
+    compiler pipelines); other key blocks use TILE_N 64/128 in a nested loop.  Configs that do not
+    fit in shared memory are dropped by the autotuner itself (OutOfResources).
+    """
     args = {**named_args, **kwargs}
     q_block, k_block, d = args["TUNE_Q"], args["K_BLOCK"], args["HEAD_DIM"]
     max_tm = max(16, min(128, _next_pow2(q_block)))
@@ -55,12 +60,12 @@ def _prune(configs, named_args, **kwargs):
         if tm > max_tm or (max_tm >= 64 and tm < 64):
             continue
         if k_block in (16, 32, 64, 128):
-            if tn != k_block:
+            if tn > k_block or (k_block >= 64 and tn < 64):
                 continue
         elif tn not in (64, 128):
             continue
-        if d == 128 and tm * tn >= 128 * 128 and c.num_stages > 2:
-            continue  # shared memory: keep 128x128 tiles at d=128 to two stages
+        if c.num_warps == 8 and tm < 128:
+            continue  # 8 warps only pay off on 128-row tiles
         if k_block == 0 and c.num_stages > 2:
             continue  # variable key clusters use a nested loop that Triton does not pipeline
         out.append(c)
@@ -70,6 +75,8 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, k_base, v_base, n0, k_end, skn, skd, svn, svd, qk_scale,
                  HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+    # (Dropping the bounds masks/-inf handling for tiles known to be full stopped Triton 3.9 from
+    # software-pipelining this loop for sm_90 -- checked with tests/kernels/test_triton_aot_compile.py.)
     offs_n = n0 + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < k_end
@@ -84,7 +91,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, n0, k_end, skn, skd, svn, svd
         s = tl.dot(q, kt)
     s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no valid column yet has m_new = -inf; subtract 0 instead so exp2 gives 0, not nan.
+    # A row that has seen no valid column yet has m_new = -inf; subtract 0 so exp2 gives 0, not nan.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
@@ -137,13 +144,15 @@ def _bsa_fwd_kernel(
         acc = tl.zeros([TILE_M, HEAD_DIM], dtype=tl.float32)
         count = tl.load(KvCount + bh * NQ + qblk)
         idx_base = KvIndex + (bh * NQ + qblk) * MAX_KEPT
-        if (not VAR_K) and (K_BLOCK == TILE_N):
-            # Fixed key blocks of exactly one tile: a flat loop the compiler can software-pipeline.
-            for slot in range(0, count):
-                kb = tl.load(idx_base + slot)
+        if (not VAR_K) and (K_BLOCK % TILE_N == 0):
+            # Fixed key blocks walked as K_BLOCK // TILE_N sub-tiles each: one flat loop that the
+            # compiler can software-pipeline.
+            SUB: tl.constexpr = K_BLOCK // TILE_N
+            for it in range(0, count * SUB):
+                kb = tl.load(idx_base + it // SUB)
                 kb = tl.where((kb >= 0) & (kb < NK), kb, NK)  # bad ids become an empty block
-                n0 = kb * K_BLOCK
-                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, n0, tl.minimum(n0 + K_BLOCK, Lk),
+                n0 = kb * K_BLOCK + (it % SUB) * TILE_N
+                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, n0, tl.minimum(n0 + TILE_N, Lk),
                                              skn, skd, svn, svd, qk_scale, HEAD_DIM, TILE_N, IEEE_DOT, UPCAST)
         else:
             for slot in range(0, count):
