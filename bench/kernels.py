@@ -2,13 +2,17 @@
 
 GPU (CUDA + Triton): Triton block-sparse kernel vs dense F.scaled_dot_product_attention, bf16,
 densities 5-50%, lengths 4k-75k, head dims 64/128.  TFLOP/s counts 4*B*H*Lq*Lk*d (x density for
-sparse); speedup = dense time / sparse time.  Default output dir: bench/results/<gpu-name>/.
+sparse); speedup = dense time / sparse time.  Density 1.0 is the kernel's dense mode (every block
+kept).  --svg2 adds the SVG2 pipeline breakdown on clustered synthetic q/k/v: warm k-means (2
+iterations, Q and K), permutation (torch gather vs the csrc/ CUDA extension), block-index build
+(top-p cluster selection + query-block split), variable-block attention, against dense SDPA.
+Default output dir: bench/results/<gpu-name>/.
 
 CPU: PyTorch gather path vs dense SDPA at density 10%, 8k tokens, one thread; median of
 interleaved runs, wall and process CPU time.
 
     .venv/bin/python bench/kernels.py --device cpu
-    .venv/bin/python bench/kernels.py --device cuda --out bench/results/h100
+    python bench/kernels.py --device cuda --densities 0.05 0.1 0.2 0.3 0.5 1.0 --svg2
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ def _cuda_time(fn, repeats):
 def bench_gpu(args):
     from ditaccel.kernels.triton.block_sparse_attention import block_sparse_attention_triton
 
+    torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     B, H, block = args.batch, args.heads, args.block
     for L in args.lengths:
@@ -130,17 +135,115 @@ def bench_gpu(args):
                                  tflops=_flops(B, H, L, D, real) / t / 1e12, speedup=t_dense / t))
                 print(f"L={L} D={D} density={real:.3f}: {t * 1e3:.2f} ms, {rows[-1]['tflops']:.1f} TFLOP/s, "
                       f"{t_dense / t:.2f}x over dense", flush=True)
+            dense_mode = [r for r in rows[-len(args.densities):] if r["density"] >= 0.999]
+            for r in rows[-len(args.densities):]:
+                r["target_speedup"] = 0.6 / r["density"]  # issue #7: speedup >= 0.6 / density
+                if dense_mode:  # throughput on the kept blocks relative to the kernel's own dense mode
+                    r["kept_vs_dense_mode"] = r["tflops"] / dense_mode[0]["tflops"]
             del q, k, v
             torch.cuda.empty_cache()
-    return rows, {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+
+    return rows, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "sdpa_backends": {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")()
+                                    for n in ("flash", "mem_efficient", "cudnn", "math")
+                                    if hasattr(torch.backends.cuda, f"{n}_sdp_enabled")}}
+
+
+def _clustered(G, N, D, clusters, gen, dtype):
+    """Points around random centres (a stand-in for real q/k, which cluster well per head)."""
+    centres = torch.randn(G, clusters, D, device="cuda", generator=gen) * 2.0
+    which = torch.randint(0, clusters, (G, N), device="cuda", generator=gen)
+    x = torch.gather(centres, 1, which.unsqueeze(-1).expand(G, N, D))
+    return (x + torch.randn(G, N, D, device="cuda", generator=gen)).to(dtype)
+
+
+def bench_svg2_breakdown(args):
+    """Per-stage CUDA time of one warm SVG2 attention call vs dense SDPA (issue #7 overhead targets)."""
+    from ditaccel.attention.kmeans import cluster_permutation, kmeans
+    from ditaccel.attention.sparse_method import permute_tokens, run_block_sparse, unpermute_tokens
+    from ditaccel.kernels.cuda import load_extension, permute_rows
+    from ditaccel.methods.svg2 import SVG2State, select_key_clusters, split_query_blocks, svg2_attention
+
+    rows = []
+    B, H, D, dtype = 1, args.heads, 128, torch.bfloat16
+    Cq, Ck, top_p, block = 100, 500, 0.9, 64
+    for L in args.svg2_lengths:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        G = B * H
+        q = _clustered(G, L, D, 200, gen, dtype).reshape(B, H, L, D)
+        k = _clustered(G, L, D, 800, gen, dtype).reshape(B, H, L, D)
+        v = torch.randn(B, H, L, D, device="cuda", generator=gen, dtype=dtype)
+        scale = D ** -0.5
+        qf, kf = q.reshape(G, L, D), k.reshape(G, L, D)
+        cq, ql, qs = kmeans(qf, Cq, 10, "random", None, gen)  # the cold start (first sparse step)
+        ck, kl, ks = kmeans(kf, Ck, 10, "random", None, gen)
+        t = {}
+        t["kmeans_warm_2it"] = _cuda_time(lambda: (kmeans(qf, Cq, 2, "random", cq, gen),
+                                                   kmeans(kf, Ck, 2, "random", ck, gen)), args.repeats)
+        q_perm, q_off = cluster_permutation(ql, Cq)
+        k_perm, k_off = cluster_permutation(kl, Ck)
+        pq, pk = q_perm.reshape(B, H, L), k_perm.reshape(B, H, L)
+        t["cluster_permutation"] = _cuda_time(lambda: (cluster_permutation(ql, Cq), cluster_permutation(kl, Ck)),
+                                              args.repeats)
+        t["permute_torch"] = _cuda_time(lambda: (permute_tokens(q, pq), permute_tokens(k, pk), permute_tokens(v, pk),
+                                                 unpermute_tokens(q, pq)), args.repeats)
+        if load_extension() is not None:
+            t["permute_cuda_ext"] = _cuda_time(lambda: (permute_rows([q], pq), permute_rows([k, v], pk),
+                                                        permute_rows([q], pq, inverse=True)), args.repeats)
+
+        def index():
+            order, count = select_key_clusters(cq, ck, ks, scale, top_p, 0.1 * L)
+            p_off, p_cluster = split_query_blocks(q_off, block)
+            P = p_cluster.shape[1]
+            return (torch.gather(count, 1, p_cluster).reshape(B, H, P).to(torch.int32),
+                    torch.gather(order, 1, p_cluster.unsqueeze(-1).expand(G, P, Ck)).reshape(B, H, P, Ck)
+                    .to(torch.int32), p_off.reshape(B, H, P + 1).to(torch.int32))
+
+        t["index_build"] = _cuda_time(index, args.repeats)
+        kv_count, kv_index, p_off = index()
+        qp, kp, vp = permute_tokens(q, pq), permute_tokens(k, pk), permute_tokens(v, pk)
+        k_off32 = k_off.reshape(B, H, Ck + 1).to(torch.int32)
+        t["attention_sparse"] = _cuda_time(lambda: run_block_sparse(qp, kp, vp, kv_count, kv_index, p_off, k_off32,
+                                                                    scale=scale, max_q_block_size=block),
+                                           args.repeats)
+        t["svg2_total"] = _cuda_time(lambda: svg2_attention(q, k, v, q_clusters=Cq, k_clusters=Ck, top_p=top_p,
+                                                            iters=2, block_size=block, generator=gen,
+                                                            state=SVG2State(cq, ck)),
+                                     args.repeats)
+        t["dense_sdpa"] = _cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+        sizes = (kv_count.long().unsqueeze(-1) > torch.arange(Ck, device="cuda")).long()
+        kept = torch.gather(ks.reshape(B, H, 1, Ck).expand(B, H, kv_index.shape[2], Ck), -1,
+                            kv_index.long().clamp(min=0)) * sizes
+        piece = (p_off[..., 1:] - p_off[..., :-1]).long()
+        density = float((piece * kept.sum(-1)).sum() / (G * L * L))
+        row = dict(L=L, H=H, D=D, q_clusters=Cq, k_clusters=Ck, top_p=top_p, density=density,
+                   **{f"{n}_ms": v_ * 1e3 for n, v_ in t.items()})
+        att = t["attention_sparse"]
+        row["index_over_attention"] = t["index_build"] / att
+        row["permutation_over_attention"] = min(t["permute_torch"], t.get("permute_cuda_ext", math.inf)) / att
+        row["kmeans_over_attention"] = t["kmeans_warm_2it"] / att
+        row["speedup_attention_only"] = t["dense_sdpa"] / att
+        row["speedup_svg2_total"] = t["dense_sdpa"] / t["svg2_total"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, qp, kp, vp
+        torch.cuda.empty_cache()
+    return rows
+
+
+
 
 
 def gpu_markdown(rows, meta):
     lines = [f"GPU {meta['device']}, bf16, median CUDA-event time", "",
-             "| impl | L | D | density | ms | TFLOP/s | speedup |", "|---|---|---|---|---|---|---|"]
+             "| impl | L | D | density | ms | TFLOP/s | speedup | target 0.6/density | kept / dense-mode TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        tgt = f"{r['target_speedup']:.2f}x" if "target_speedup" in r else ""
+        kept = f"{r['kept_vs_dense_mode']:.0%}" if "kept_vs_dense_mode" in r else ""
         lines.append(f"| {r['impl']} | {r['L']} | {r['D']} | {r['density']:.3f} | {r['time_s'] * 1e3:.2f} | "
-                     f"{r['tflops']:.1f} | {r['speedup']:.2f}x |")
+                     f"{r['tflops']:.1f} | {r['speedup']:.2f}x | {tgt} | {kept} |")
     return "\n".join(lines)
 
 
@@ -159,6 +262,8 @@ def main(argv=None):
     p.add_argument("--cpu-len", type=int, default=8192)
     p.add_argument("--cpu-density", type=float, default=0.1)
     p.add_argument("--cpu-head-dim", type=int, default=64)
+    p.add_argument("--svg2", action="store_true", help="GPU: also time the SVG2 pipeline stages")
+    p.add_argument("--svg2-lengths", type=int, nargs="+", default=[32768, 75600])
     args = p.parse_args(argv)
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if on_gpu and not torch.cuda.is_available():
@@ -170,6 +275,9 @@ def main(argv=None):
     if on_gpu:
         rows, meta = bench_gpu(args)
         md = gpu_markdown(rows, meta)
+        if args.svg2:
+            meta["svg2_breakdown"] = bench_svg2_breakdown(args)
+            md += "\n\nSVG2 stages (ms): " + "\n".join(json.dumps(r) for r in meta["svg2_breakdown"])
         out = args.out or Path(__file__).resolve().parent / "results" / re.sub(r"[^A-Za-z0-9_.-]+", "-",
                                                                             meta["device"]).strip("-")
     else:
