@@ -57,8 +57,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="timed runs per variant, interleaved (median reported; default 3)")
     p.add_argument("--batch", type=_int_at_least(1, "a batch size"), default=2,
                    help="samples per generation (reference model: its first N classes; default 2)")
-    p.add_argument("--tokens", type=_int_at_least(16, "an image token count"), default=256,
-                   help="image tokens of a tiny random model (a square number; default 256 = 64x64 px)")
+    p.add_argument("--tokens", type=_int_at_least(16, "an image token count"), default=None,
+                   help="image tokens, a square number (tiny random model: default 256 = 64x64 px; FLUX-kind "
+                        "reference model: default its training size, e.g. --tokens 65536 for 1024x1024 px)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights/activations dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=1,
                    help="torch.set_num_threads (default 1, for stable CPU timings)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from .runner import run_bench
     from .specs import Variant, parse_methods, parse_presets
 
-    if round(args.tokens ** 0.5) ** 2 != args.tokens:
+    if args.tokens is not None and round(args.tokens ** 0.5) ** 2 != args.tokens:
         raise UsageError(f"--tokens must be a square number (e.g. 256, 1024), got {args.tokens}.")
     # validate everything before loading anything
     variants = [Variant(label="full", kind="baseline")]
@@ -109,7 +112,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         raise UsageError(f"--out {args.out} exists and is not a folder; pass a folder path.")
 
     torch.set_num_threads(args.threads)
-    model = load_bench_model(args.model, batch=args.batch, device=device, tokens=args.tokens)
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model = load_bench_model(args.model, batch=args.batch, device=device, tokens=args.tokens,
+                             dtype=getattr(torch, dtype_name))
     if args.compare_peers:
         variants += [Variant(label=p.label, kind="peer", peer=p, spec=p.label) for p in build_peers()]
     notes = list(model.notes)
@@ -128,7 +133,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         "model": {"name": model.name, "description": model.description, "family": model.family,
                   "random_weights": model.random_weights},
         "settings": {"steps": args.steps, "seed": args.seed, "repeats": args.repeats, "batch": args.batch,
-                     "threads": args.threads, "device": device},
+                     "threads": args.threads, "device": device, "dtype": dtype_name, "tokens": args.tokens},
         "notes": notes,
     }
     print(f"\n{model.description}; {args.steps} steps, seed {args.seed}, {args.repeats} timed repeats, "

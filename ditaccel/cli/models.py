@@ -36,7 +36,9 @@ class BenchModel:
 # tiny random pipelines (same architecture as the flux_tiny reference model)
 
 
-def _tiny_flux(tokens: int = 256, batch: int = 1) -> BenchModel:
+def _tiny_flux(tokens: int | None = 256, batch: int = 1, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> BenchModel:
+    tokens = 256 if tokens is None else tokens
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -57,11 +59,12 @@ def _tiny_flux(tokens: int = 256, batch: int = 1) -> BenchModel:
     )
     pipe = FluxPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer.eval())
+    pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     side = int(round((tokens ** 0.5))) * 2 * pipe.vae_scale_factor  # 2x2 packing after the VAE
     g = torch.Generator().manual_seed(1234)
-    prompt_embeds = torch.randn(batch, 8, 64, generator=g)
-    pooled = torch.randn(batch, 64, generator=g)
+    prompt_embeds = torch.randn(batch, 8, 64, generator=g).to(device=device, dtype=dtype)
+    pooled = torch.randn(batch, 64, generator=g).to(device=device, dtype=dtype)
 
     def make_call(seed: int) -> dict[str, Any]:
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "height": side, "width": side}
@@ -108,21 +111,34 @@ def available_reference_names() -> list[str]:
         return list(api.list_reference_models())
 
 
-def _load_reference(name: str, batch: int, device: str) -> BenchModel:
+def _image_size_for_tokens(pipe, tokens: int, name: str) -> dict[str, int]:
+    """height/width of a FLUX-kind reference model for ``tokens`` image tokens (2x2 packed latents)."""
+    if type(pipe).__name__ != "FluxPipeline":
+        raise UsageError(f"--tokens applies to the tiny random models and FLUX-kind reference models; "
+                         f"{name} is a {type(pipe).__name__}. Leave --tokens out for it.")
+    side = int(round(tokens ** 0.5)) * 2 * pipe.vae_scale_factor
+    return {"height": side, "width": side}
+
+
+def _load_reference(name: str, batch: int, device: str, tokens: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> BenchModel:
     api = _reference_api()
-    pipe, prompts = api.load_reference_pipeline(name, device=device)
+    pipe, prompts = api.load_reference_pipeline(name, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     classes = list(getattr(prompts, "class_names", []))[:batch] or [0]
     info = getattr(api, "REFERENCE_MODELS", {}).get(name, {})
     size = {k: v for k, v in info.get("default_call", {}).items() if k != "num_inference_steps"}
-    kw = api.reference_call_kwargs(prompts, classes)
+    if tokens is not None:
+        size.update(_image_size_for_tokens(pipe, tokens, name))
+    kw = api.reference_call_kwargs(prompts, classes, dtype=dtype, device=device)
 
     def make_call(seed: int) -> dict[str, Any]:
         return {**kw, **size}
 
     desc = info.get("description", name)
+    at = f"; run at {size['height']}x{size['width']} px ({tokens} image tokens)" if tokens is not None else ""
     return BenchModel(name=name, pipe=pipe, random_weights=False, make_call=make_call,
-                      description=f"trained reference model {name}: {desc}; classes {classes}")
+                      description=f"trained reference model {name}: {desc}{at}; classes {classes}; {dtype}")
 
 
 def _load_reference_folder(path: Path, batch: int, device: str) -> BenchModel | None:
@@ -176,18 +192,24 @@ def _load_folder(path: Path, device: str, batch: int = 1) -> BenchModel:
                       description=f"diffusers pipeline {type(pipe).__name__} from {path}")
 
 
-def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", tokens: int = 256) -> BenchModel:
-    """``None`` -> the FLUX reference model if its checkpoint is there, else tiny random FLUX."""
+def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", tokens: int | None = None,
+                     dtype: torch.dtype = torch.float32) -> BenchModel:
+    """``None`` -> the FLUX reference model if its checkpoint is there, else tiny random FLUX.
+
+    ``tokens``: image tokens (tiny random models: default 256; FLUX-kind reference models: default
+    their training size).  ``dtype``: the weights' and conditioning's dtype."""
     if spec is None:
         if "flux_tiny" in available_reference_names():
             try:
-                return _load_reference("flux_tiny", batch, device)
+                return _load_reference("flux_tiny", batch, device, tokens, dtype)
+            except UsageError:
+                raise
             except Exception as exc:  # noqa: BLE001 - fall back, but say why
-                model = _tiny_flux(tokens=tokens, batch=batch)
+                model = _tiny_flux(tokens=tokens, batch=batch, device=device, dtype=dtype)
                 model.notes.append(f"flux_tiny reference model failed to load ({type(exc).__name__}: {exc}); "
                                    "fell back to tiny random FLUX")
                 return model
-        model = _tiny_flux(tokens=tokens, batch=batch)
+        model = _tiny_flux(tokens=tokens, batch=batch, device=device, dtype=dtype)
         model.notes.append("flux_tiny reference checkpoint not found; using tiny random FLUX")
         return model
     if spec.startswith("tiny:"):
@@ -195,13 +217,13 @@ def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", toke
         if family not in TINY_BUILDERS:
             raise UsageError(f"--model {spec}: no tiny random pipeline for family {family!r}. "
                              f"Expected one of {['tiny:' + f for f in TINY_BUILDERS]}.")
-        return TINY_BUILDERS[family](tokens=tokens, batch=batch)
+        return TINY_BUILDERS[family](tokens=tokens, batch=batch, device=device, dtype=dtype)
     if spec in reference_names():
         if spec not in available_reference_names():
             raise UsageError(f"--model {spec}: the reference model's checkpoint is missing. "
                              f"Reference models with checkpoints: {available_reference_names() or 'none'}. "
                              f"Use --model tiny:flux for a random model.")
-        return _load_reference(spec, batch, device)
+        return _load_reference(spec, batch, device, tokens, dtype)
     path = Path(spec)
     if path.is_dir():
         return _load_folder(path, device, batch)

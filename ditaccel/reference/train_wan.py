@@ -91,7 +91,7 @@ def make_prompt_table(seed: int):
     return prompt_embeds, index
 
 
-def train_vae(vae, steps, batch, lr, gen, deadline, log):
+def train_vae(vae, steps, batch, lr, gen, deadline, log, device="cpu"):
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     losses, t0 = [], time.time()
@@ -99,8 +99,9 @@ def train_vae(vae, steps, batch, lr, gen, deadline, log):
         for gr in opt.param_groups:
             gr["lr"] = _cosine_lr(step, steps, lr, warmup=20)
         x, _ = make_clips(batch, FRAMES, SIZE, gen)
+        x = x.to(device)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
         y = vae.decode(z).sample
         rec = (y - x).abs().mean() + ((y - x) ** 2).mean()
         kl = post.kl().mean() / x[0].numel() if hasattr(post, "kl") else torch.zeros(())
@@ -139,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--dit-lr", type=float, default=7e-4)
     ap.add_argument("--dit-stop-after", type=int, default=None, help="stop after K DiT steps (schedule planned for --dit-steps)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (data and noise are drawn on the CPU either way)")
     ap.add_argument("--no-stats", action="store_true")
     args = ap.parse_args(argv)
 
@@ -148,13 +150,18 @@ def main(argv=None):
     deadline = start + 60 * args.minutes
     import diffusers
 
-    log: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    log: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+                 "diffusers": diffusers.__version__,
+                 "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"}
     gen = torch.Generator().manual_seed(args.seed)
 
-    vae = build_vae()
-    train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, gen, min(deadline, start + 60 * args.minutes * 0.25), log)
+    dev = torch.device(args.device)
+    vae = build_vae().to(dev)
+    train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, gen, min(deadline, start + 60 * args.minutes * 0.25), log,
+              device=dev)
     with torch.no_grad():
         x, _ = make_clips(64, FRAMES, SIZE, torch.Generator().manual_seed(args.seed + 1))
+        x = x.to(dev)
         z = vae.encode(x).latent_dist.mean
         mean = z.mean(dim=(0, 2, 3, 4))
         std = z.std(dim=(0, 2, 3, 4))
@@ -167,7 +174,8 @@ def main(argv=None):
     m5, s5 = mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
 
     prompt_embeds, index = make_prompt_table(args.seed)
-    tr = build_transformer()
+    prompt_embeds_dev = prompt_embeds.to(dev)
+    tr = build_transformer().to(dev)
     params = list(tr.parameters())
     opt = torch.optim.AdamW(params, lr=args.dit_lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
@@ -179,13 +187,15 @@ def main(argv=None):
         b = args.dit_batch
         x, labels = make_clips(b, FRAMES, SIZE, gen)
         with torch.no_grad():
-            x0 = (vae.encode(x).latent_dist.mean - m5) / s5
+            x0 = (vae.encode(x.to(dev)).latent_dist.mean - m5) / s5
         cls = torch.where(torch.rand(b, generator=gen) < 0.1, torch.full_like(labels, NUM_CLASSES), labels)
         sigma = shifted(torch.sigmoid(torch.randn(b, generator=gen))).clamp(1e-4, 1.0)
-        eps = torch.randn(x0.shape, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        sigma = sigma.to(dev)
         s = sigma.view(b, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps
-        pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds[cls], return_dict=False)[0]
+        pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds_dev[cls.to(dev)],
+                  return_dict=False)[0]
         loss = F.mse_loss(pred, eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,6 +223,7 @@ def main(argv=None):
             break
     tr.load_state_dict(ema)
     tr.eval()
+    vae, tr = vae.cpu(), tr.cpu()
     log["dit_steps_done"] = len(losses)
     log["dit_seconds"] = time.time() - t0
     log["dit_final_loss_avg50"] = sum(losses[-50:]) / len(losses[-50:])
