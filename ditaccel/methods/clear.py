@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.block_sparse import build_block_index
-from ..attention.masks import tile_block_mask, window_attention, window_plan
+from ..attention.masks import tile_block_mask, window_attention, window_attention_fused, window_plan
 from ..attention.sparse_method import (
     SparseAttentionMethod, check_attention_inputs, permute_tokens, run_block_sparse, unpermute_tokens,
     with_text_keys,
@@ -77,8 +77,12 @@ def clear_attention(q, k, v, grid: tuple[int, ...], radii, *, k_txt=None, v_txt=
     plan = window_plan(grid, radii, tile)
     T = 0 if k_txt is None else k_txt.shape[2]
     if mode == "exact":
-        out, lse = window_attention(q, k, v, plan, scale)
         kept = plan.pairs
+        fused = window_attention_fused(q, k, v, plan, scale, k_txt, v_txt)
+        if fused is not None:  # CPU: fused kernel, text keys already included
+            density = (kept + N * T) / (N * (N + T))
+            return fused[0], fused[1], density
+        out, lse = window_attention(q, k, v, plan, scale)
     elif mode == "blocks":
         tiles = plan.tiles
         bm = tile_block_mask(plan)

@@ -58,6 +58,42 @@ def test_image_attention_matches_brute_force(grid, radii, mode):
     assert density == pytest.approx(float(mask.double().mean()))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("grid,radii,tile,B,T", [((13, 10), (3.0, 3.0), None, 2, 4), ((16, 16), (4.0, 4.0), (4, 8), 1, 3),
+                                                 ((3, 9, 11), (1.0, 2.5, 3.0), None, 1, 0),
+                                                 ((24, 24), (8.0, 8.0), (8, 8), 1, 5)])
+def test_exact_with_text_both_cpu_paths_match_brute_force(grid, radii, tile, B, T, fused, monkeypatch):
+    """The fused CPU kernel path (text keys in the gathered windows, border and interior tiles)
+    and the matmul fallback give the brute-force masked attention over [image, text] keys."""
+    import ditaccel.attention.cpu_flash as cf
+
+    if not fused:
+        monkeypatch.setattr(cf, "flash_available", lambda x: False)
+    N = math.prod(grid)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = [torch.randn(B, 3, N + T, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    out, lse, density = clear_attention(q[:, :, :N], k[:, :, :N], v[:, :, :N], grid, radii, tile=tile,
+                                        k_txt=k[:, :, N:] if T else None, v_txt=v[:, :, N:] if T else None, scale=0.4)
+    mask = brute_force_clear_mask(grid, radii, text_tokens=T, text_first=False)[:N]
+    ref_out, ref_lse = masked_attention(q[:, :, :N], k, v, mask, 0.4)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    assert density == pytest.approx(float(mask.double().mean()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_fused_low_precision_close_to_fp64(dtype):
+    grid, T = (20, 20), 6
+    N = math.prod(grid)
+    q, k, v = qkv(N + T, B=1, H=2, D=32, seed=5)
+    ref, _ = masked_attention(q[:, :, T:], k, v, brute_force_clear_mask(grid, 5.0, text_tokens=T)[T:])
+    out, lse, _ = clear_attention(*(x[:, :, T:].to(dtype) for x in (q, k, v)), grid, (5.0, 5.0),
+                                  k_txt=k[:, :, :T].to(dtype), v_txt=v[:, :, :T].to(dtype))
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
 def test_block_mask_is_the_exact_tile_cover():
     grid, radii = (19, 23), (5.0, 5.0)
     plan = window_plan(grid, radii)
