@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ditaccel.attention.cpu_flash import flash_attention_lse, flash_available
 from ditaccel.kernels.checks import check_block_layout, check_qkv
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -102,6 +103,24 @@ def _attend_group(rows, bh, q_start, q_len, k_start, k_len, tokens, q_flat, k_fl
     kg = k_flat.index_select(0, kidx.reshape(-1)).view(rows.numel(), T, -1)
     vg = v_flat.index_select(0, kidx.reshape(-1)).view(rows.numel(), T, -1)
     qg = q_flat.index_select(0, qidx.reshape(-1)).view(rows.numel(), M, -1)
+    sel = qidx[qvalid] if not bool(qvalid.all()) else None
+    if flash_available(qg):
+        # Fused CPU flash kernel: scores and probabilities never materialised. Padding keys are
+        # masked by an additive bias (none when every row of the group keeps the same tokens).
+        bias = None
+        if not bool(kvalid.all()):
+            bias = torch.zeros(kvalid.shape, dtype=qg.dtype, device=dev).masked_fill_(~kvalid, float("-inf"))
+            bias = bias[:, None, None, :]
+        res = flash_attention_lse(qg.unsqueeze(1), kg.unsqueeze(1), vg.unsqueeze(1), bias, scale)
+        if res is not None:
+            o, ls = res[0].squeeze(1), res[1].squeeze(1).float()
+            if sel is None:
+                out.index_copy_(0, qidx.reshape(-1), o.reshape(-1, o.shape[-1]))
+                lse.index_copy_(0, qidx.reshape(-1), ls.reshape(-1))
+            else:
+                out.index_copy_(0, sel, o[qvalid])
+                lse.index_copy_(0, sel, ls[qvalid])
+            return
     # Scale and the padding mask ride along in one baddbmm: s = bias + scale * q @ k^T, bias in {0, -inf}.
     bias = torch.zeros(kvalid.shape, dtype=qg.dtype, device=dev).masked_fill_(~kvalid, float("-inf"))
     s = torch.baddbmm(bias.unsqueeze(1), qg, kg.transpose(1, 2), alpha=scale)  # (g, M, T)

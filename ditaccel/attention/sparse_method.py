@@ -31,6 +31,7 @@ from ..adapters.base import IMAGE_FIRST, SEPARATE, TEXT_FIRST, TokenLayout, read
 from ..errors import ConfigError
 from ..hooks.method import SPARSE_ATTENTION, InstalledMethod
 from .block_sparse import block_sparse_attention
+from .cpu_flash import flash_attention_lse
 from .dispatch import AttentionSite, install_attention_router, remove_attention_router
 from .reference import merge_attention_by_lse
 
@@ -141,6 +142,10 @@ def attention_with_lse(q, k, v, scale: float, chunk_elements: int = 1 << 22):
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    if Lk > 0 and v.shape[-1] == D:
+        fused = flash_attention_lse(q, k, v, None, scale)  # CPU: torch's fused flash kernel
+        if fused is not None:
+            return fused[0], fused[1] if q.dtype == torch.float64 else fused[1].float()
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32 if ct == torch.float32 else ct, device=q.device)

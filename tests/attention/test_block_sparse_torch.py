@@ -11,6 +11,16 @@ from ditaccel.attention.block_sparse_torch import block_sparse_attention_torch
 from ditaccel.attention.reference import block_sparse_attention_reference, dense_attention
 from ditaccel.kernels.layouts import random_block_mask, random_offsets
 
+@pytest.fixture(autouse=True, params=["fused", "matmul"])
+def cpu_path(request, monkeypatch):
+    """Every test runs on both CPU paths: torch's fused flash kernel per group, and matmul + softmax."""
+    import ditaccel.attention.block_sparse_torch as bst
+
+    if request.param == "matmul":
+        monkeypatch.setattr(bst, "flash_available", lambda x: False)
+    return request.param
+
+
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 
 
