@@ -91,7 +91,7 @@ def make_prompt_table(seed: int):
     return prompt_embeds, index
 
 
-def train_vae(vae, steps, batch, lr, gen, deadline, log, device="cpu"):
+def train_vae(vae, steps, batch, lr, gen, deadline, log, device="cpu", stop_after=None):
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     losses, t0 = [], time.time()
@@ -113,8 +113,11 @@ def train_vae(vae, steps, batch, lr, gen, deadline, log, device="cpu"):
         losses.append(rec.item())
         if step % 25 == 0 or step == steps - 1:
             print(f"[wan-vae] step {step:4d}/{steps} rec {rec.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if stop_after is not None and step + 1 >= stop_after:
+            break
         if time.time() > deadline:
             log["vae_stopped_early_at"] = step
+            log["vae_reproduce_with"] = f"--vae-steps {steps} --vae-stop-after {step + 1}"
             print(f"[wan-vae] wall-clock cap reached at step {step}", flush=True)
             break
     vae.eval()
@@ -138,6 +141,10 @@ def main(argv=None):
     ap.add_argument("--dit-steps", type=int, default=700)
     ap.add_argument("--dit-batch", type=int, default=16)
     ap.add_argument("--dit-lr", type=float, default=7e-4)
+    ap.add_argument("--vae-stop-after", type=int, default=None,
+                    help="stop after K VAE steps (schedule planned for --vae-steps)")
+    ap.add_argument("--vae-minutes", type=float, default=None,
+                    help="wall-clock cap for the VAE stage (default: 45%% of --minutes)")
     ap.add_argument("--dit-stop-after", type=int, default=None, help="stop after K DiT steps (schedule planned for --dit-steps)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (data and noise are drawn on the CPU either way)")
@@ -157,8 +164,9 @@ def main(argv=None):
 
     dev = torch.device(args.device)
     vae = build_vae().to(dev)
-    train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, gen, min(deadline, start + 60 * args.minutes * 0.25), log,
-              device=dev)
+    vae_minutes = 0.45 * args.minutes if args.vae_minutes is None else args.vae_minutes
+    train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, gen, min(deadline, start + 60 * vae_minutes), log,
+              device=dev, stop_after=args.vae_stop_after)
     with torch.no_grad():
         x, _ = make_clips(64, FRAMES, SIZE, torch.Generator().manual_seed(args.seed + 1))
         x = x.to(dev)
