@@ -28,10 +28,15 @@ def _offsets(offsets, n, L, block, B, H, device):
 
 def block_sparse_attention_torch(q, k, v, kv_count, kv_index, q_offsets=None, k_offsets=None,
                                  block_m: int = 64, block_n: int = 64, scale: float | None = None,
-                                 max_elements: int = 1 << 19):
+                                 max_elements: int = 1 << 19, q_perm=None, k_perm=None):
     """Same contract as the Triton kernel; returns (out like q, lse float32 (B, H, Lq)).
 
     Math runs in float32 (float64 for float64 inputs).  Rows that keep no key get out = 0, lse = -inf.
+
+    ``q_perm`` / ``k_perm`` (B, H, L) int64, optional: q (k, v) are in their original order and
+    the blocks are over the permuted order (position i of the permuted order is token perm[i]);
+    the gather reads through the permutation and out/lse come back in the original order. The
+    result equals permuting the inputs first and un-permuting out/lse, without those full copies.
     """
     B, H, Lq, Lk, D = check_qkv(q, k, v, allowed_dtypes=DTYPES, head_dims=None)
     nq, nk = check_block_layout(B, H, Lq, Lk, q.device, kv_count, kv_index, q_offsets, k_offsets,
@@ -55,6 +60,11 @@ def block_sparse_attention_torch(q, k, v, kv_count, kv_index, q_offsets=None, k_
     k_len = (ko_flat[k_first + 1] - k_start) * used
     tokens = k_len.sum(1)  # kept key tokens per row
 
+    q_map = k_map = None
+    if q_perm is not None:
+        q_map = (q_perm.reshape(BH, Lq).long() + (torch.arange(BH, device=dev) * Lq).unsqueeze(1)).reshape(-1)
+    if k_perm is not None:
+        k_map = (k_perm.reshape(BH, Lk).long() + (torch.arange(BH, device=dev) * Lk).unsqueeze(1)).reshape(-1)
     q_flat = q.reshape(BH * Lq, D).to(ct)
     k_flat = k.reshape(BH * Lk, D).to(ct)
     v_flat = v.reshape(BH * Lk, D).to(ct)
@@ -68,6 +78,8 @@ def block_sparse_attention_torch(q, k, v, kv_count, kv_index, q_offsets=None, k_
     tok_sorted = tokens[live].tolist()
     max_q = int(q_len[live].max())
     i, R = 0, live.numel()
+    if flash_available(q_flat):
+        max_elements *= 4  # the fused kernel never materialises scores: the cap only bounds gathered K/V
     budget = max(1, max_elements // max_q)
     while i < R:
         # Rows are sorted by token count, so padding each group to its last row wastes little.
@@ -80,12 +92,12 @@ def block_sparse_attention_torch(q, k, v, kv_count, kv_index, q_offsets=None, k_
         rows = live[i:i + g]
         i += g
         _attend_group(rows, bh, q_start, q_len, k_start, k_len, tokens, q_flat, k_flat, v_flat,
-                      out, lse, Lq, Lk, scale)
+                      out, lse, Lq, Lk, scale, q_map, k_map)
     return out.reshape(B, H, Lq, D).to(q.dtype), lse.reshape(B, H, Lq)
 
 
 def _attend_group(rows, bh, q_start, q_len, k_start, k_len, tokens, q_flat, k_flat, v_flat,
-                  out, lse, Lq, Lk, scale):
+                  out, lse, Lq, Lk, scale, q_map=None, k_map=None):
     dev = rows.device
     T, M = int(tokens[rows].max()), int(q_len[rows].max())
     # Key token ids (g, T): position p of a row falls in the slot whose [excl, cum) range holds it.
@@ -99,6 +111,10 @@ def _attend_group(rows, bh, q_start, q_len, k_start, k_len, tokens, q_flat, k_fl
     qpos = torch.arange(M, device=dev)
     qvalid = qpos < q_len[rows].unsqueeze(1)  # (g, M)
     qidx = torch.where(qvalid, q_start[rows].unsqueeze(1) + qpos, 0) + (bh[rows] * Lq).unsqueeze(1)
+    if k_map is not None:
+        kidx = k_map[kidx]
+    if q_map is not None:
+        qidx = q_map[qidx]
 
     kg = k_flat.index_select(0, kidx.reshape(-1)).view(rows.numel(), T, -1)
     vg = v_flat.index_select(0, kidx.reshape(-1)).view(rows.numel(), T, -1)

@@ -186,99 +186,28 @@ def window_attention(q, k, v, plan: WindowPlan, scale: float, max_elements: int 
     return out.reshape(B, H, N, D).to(q.dtype), lse.reshape(B, H, N)
 
 
-@dataclass(frozen=True)
-class FusedWindowPlan:
-    """A window plan laid out for the fused CPU kernel, with ``text`` always-kept keys appended.
-
-    Tiles are split into groups that share one additive mask: ``interior`` tiles (every window
-    key inside the grid: one (Tq, W + text) mask for all of them) and ``border`` tiles (own masks).
-    Key ids index the rows of [image keys (raster order); text keys].
-    """
-
-    n_image: int
-    tq: int
-    groups: tuple  # of (tile ids, q_index (n, Tq), k_index (n, W + text), bias (n or 1, 1, Tq, W + text))
-    all_q_valid: bool
-    q_valid: torch.Tensor  # (n_tiles, Tq)
-
-
 @lru_cache(maxsize=32)
-def fused_window_plan(grid: tuple[int, ...], radii, tile, text: int, dtype: torch.dtype,
-                      device: torch.device) -> FusedWindowPlan:
+def fused_window_plan(grid: tuple[int, ...], radii, tile, text: int, dtype: torch.dtype, device: torch.device):
+    """CLEAR's exact windows as a :class:`~ditaccel.attention.gathered.GatherPlan` (text keys appended)."""
+    from .gathered import make_gather_plan
+
     plan = window_plan(tuple(grid), radii, tile)
-    N = math.prod(plan.tiles.grid)
-    nt, Tq = plan.q_index.shape
-    k_index = torch.cat([plan.k_index, (N + torch.arange(text)).expand(nt, text)], 1)
-    keep = torch.cat([plan.base.expand(nt, -1, -1) & plan.k_valid.unsqueeze(1),
-                      torch.ones(nt, Tq, text, dtype=torch.bool)], 2)
-    interior = plan.k_valid.all(1)
-    groups = []
-    for ids in (torch.nonzero(~interior).squeeze(1), torch.nonzero(interior).squeeze(1)):
-        if ids.numel() == 0:
-            continue
-        shared = bool(interior[ids[0]])
-        kp = keep[ids[:1]] if shared else keep[ids]
-        bias = torch.zeros(kp.shape, dtype=dtype).masked_fill_(~kp, float("-inf")).unsqueeze(1)
-        groups.append((ids.to(device), plan.q_index[ids].to(device), k_index[ids].to(device), bias.to(device)))
-    return FusedWindowPlan(N, Tq, tuple(groups), bool(plan.q_valid.all()), plan.q_valid.to(device))
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (L, B*H*D) (a view when x is laid out as (B, L, H, D) with B == 1)."""
-    return x.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
-
-
-def _rows_with_text(x: torch.Tensor, x_txt: torch.Tensor | None) -> torch.Tensor:
-    if x_txt is None or x_txt.shape[2] == 0:
-        return _rows(x)
-    B, H, N, D = x.shape
-    src = torch.empty(N + x_txt.shape[2], B, H, D, dtype=x.dtype, device=x.device)
-    src[:N].copy_(x.permute(2, 0, 1, 3))
-    src[N:].copy_(x_txt.permute(2, 0, 1, 3))
-    return src.view(src.shape[0], -1)
+    return make_gather_plan(math.prod(plan.tiles.grid), plan.q_index, plan.q_valid, plan.k_index, plan.k_valid, plan.base, text, dtype, device)
 
 
 def window_attention_fused(q, k, v, plan: WindowPlan, scale: float, k_txt=None, v_txt=None,
                            max_elements: int = 1 << 23):
     """Exact CLEAR attention (image keys in the windows plus all text keys) with the fused CPU
-    flash kernel: per chunk of query tiles, one row gather of the window keys (text keys
-    appended) and one kernel call with an additive mask. Returns (out, lse float32 (B, H, N)),
+    flash kernel (see :mod:`ditaccel.attention.gathered`). Returns (out, lse float32 (B, H, N)),
     already merged with the text keys, or None when the fused kernel is unavailable."""
-    from .cpu_flash import flash_attention_lse, flash_available
+    from .cpu_flash import flash_available
+    from .gathered import gathered_attention
 
     if not flash_available(q):
         return None
-    B, H, N, D = q.shape
-    BH = B * H
     T = 0 if k_txt is None else k_txt.shape[2]
-    fp = fused_window_plan(plan.tiles.grid, plan.radii, plan.tiles.tile, T, q.dtype, q.device)
-    Tq = fp.tq
-    qs = _rows(q)
-    ks, vs = _rows_with_text(k, k_txt), _rows_with_text(v, v_txt)
-    out = torch.empty(N, BH * D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(N, BH, dtype=torch.float32, device=q.device)
-    for ids, q_index, k_index, bias in fp.groups:
-        W = k_index.shape[1]
-        chunk = max(1, max_elements // (2 * W * BH * D))
-        for c0 in range(0, ids.numel(), chunk):
-            c1 = min(ids.numel(), c0 + chunk)
-            c = c1 - c0
-            ki = k_index[c0:c1].reshape(-1)
-            qi = q_index[c0:c1].reshape(-1)
-            kg = ks.index_select(0, ki).view(c, W, BH, D).transpose(1, 2)
-            vg = vs.index_select(0, ki).view(c, W, BH, D).transpose(1, 2)
-            qg = qs.index_select(0, qi).view(c, Tq, BH, D).transpose(1, 2)
-            res = flash_attention_lse(qg, kg, vg, bias if bias.shape[0] == 1 else bias[c0:c1], scale)
-            if res is None:
-                return None
-            o = res[0].transpose(1, 2).reshape(c * Tq, BH * D)
-            ls = res[1].transpose(1, 2).reshape(c * Tq, BH).float()
-            if not fp.all_q_valid:
-                sel = torch.nonzero(fp.q_valid[ids[c0:c1]].reshape(-1)).squeeze(1)
-                qi, o, ls = qi[sel], o[sel], ls[sel]
-            out.index_copy_(0, qi, o)
-            lse.index_copy_(0, qi, ls)
-    return out.view(N, B, H, D).permute(1, 2, 0, 3), lse.view(N, B, H).permute(1, 2, 0)
+    gp = fused_window_plan(plan.tiles.grid, plan.radii, plan.tiles.tile, T, q.dtype, q.device)
+    return gathered_attention(q, k, v, gp, scale, k_txt, v_txt, max_elements)
 
 
 def tile_block_mask(plan: WindowPlan) -> torch.Tensor:

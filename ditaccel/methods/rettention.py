@@ -30,6 +30,8 @@ from functools import lru_cache
 
 import torch
 
+from ..attention.cpu_flash import flash_available
+from ..attention.gathered import GatherPlan, gathered_attention, make_gather_plan
 from ..attention.masks import nearest_tiles, tile_plan
 from ..attention.reference import merge_attention_by_lse
 from ..attention.sparse_method import (
@@ -93,14 +95,37 @@ def local_layout(grid: tuple[int, ...], keep_fraction: float, B: int, H: int, de
     return _local_layout(tuple(int(g) for g in grid), float(keep_fraction), B, H, str(torch.device(device)), tile)
 
 
+def _kept_tile_count(tiles, keep_fraction: float) -> int:
+    """As many nearest tiles as reach keep_fraction of the keys (at least the tile itself)."""
+    sizes = tiles.offsets[1:] - tiles.offsets[:-1]
+    return min(tiles.n_tiles, max(1, math.ceil(keep_fraction * math.prod(tiles.grid) / float(sizes.double().mean()))))
+
+
+@lru_cache(maxsize=32)
+def nearest_gather_plan(grid, keep_fraction: float, tile, text: int, dtype, device) -> GatherPlan:
+    """The nearest-tile pattern as a :class:`GatherPlan` for the fused CPU path: per query tile,
+    the cells of its kept key tiles (in raster ids, padded and masked where tiles are clipped at
+    the grid border) plus ``text`` always-kept keys; no permutation of the sequence."""
+    tiles = tile_plan(tuple(grid), tile)
+    n, N = tiles.n_tiles, math.prod(tiles.grid)
+    sizes = tiles.offsets[1:] - tiles.offsets[:-1]
+    count = _kept_tile_count(tiles, keep_fraction)
+    kept = nearest_tiles(tiles, n)[:, :count]
+    Tq = int(sizes.max())
+    pos = torch.arange(Tq)
+    valid = pos < sizes.unsqueeze(1)
+    cells = torch.where(valid, tiles.perm[(tiles.offsets[:-1].unsqueeze(1) + pos).clamp(max=N - 1)], 0)
+    return make_gather_plan(N, cells, valid, cells[kept].reshape(n, count * Tq), valid[kept].reshape(n, count * Tq),
+                            None, text, dtype, device)
+
+
 @lru_cache(maxsize=32)
 def _local_layout(grid, keep_fraction, B, H, device, tile) -> LocalLayout:
     tiles = tile_plan(tuple(grid), tile)
     n = tiles.n_tiles
     N = math.prod(tiles.grid)
     sizes = tiles.offsets[1:] - tiles.offsets[:-1]
-    # as many nearest tiles as reach keep_fraction of the keys (at least the tile itself)
-    count = min(n, max(1, math.ceil(keep_fraction * N / float(sizes.double().mean()))))
+    count = _kept_tile_count(tiles, keep_fraction)
     order = nearest_tiles(tiles, n)
     kept = order[:, :count]
     kept_pairs = int((sizes[:, None] * sizes[kept]).sum())
@@ -155,12 +180,20 @@ def rettention_attention(q, k, v, grid, *, keep_fraction: float = 0.03, state: R
         raise ValueError(f"Re-ttention: grid {tuple(grid)} ({math.prod(grid)} cells), {N} image queries and "
                          f"{k.shape[2]} image keys must all match.")
     scale = D ** -0.5 if scale is None else float(scale)
-    lay = local_layout(tuple(grid), keep_fraction, B, H, q.device, tile)
     T = 0 if k_txt is None else k_txt.shape[2]
-    out_s, lse_s = local_sparse_attention(q, k, v, lay, scale)
-    out_s, lse_s = with_text_keys(out_s, lse_s, q, k_txt, v_txt, scale)
+    fused = None
+    if flash_available(q):  # CPU: gathered nearest tiles (text keys included), fused kernel, no permutation
+        gp = nearest_gather_plan(tuple(int(g) for g in grid), float(keep_fraction), tile, T, q.dtype, q.device)
+        fused = gathered_attention(q, k, v, gp, scale, k_txt, v_txt)
+    if fused is not None:
+        (out_s, lse_s), lay, kept_pairs = fused, None, gp.kept_pairs
+    else:
+        lay = local_layout(tuple(grid), keep_fraction, B, H, q.device, tile)
+        kept_pairs = lay.kept_pairs
+        out_s, lse_s = local_sparse_attention(q, k, v, lay, scale)
+        out_s, lse_s = with_text_keys(out_s, lse_s, q, k_txt, v_txt, scale)
     if refresh or state is None:
-        if q.is_cuda:
+        if q.is_cuda and lay is not None:
             out_c, lse_c = local_sparse_attention(q, k, v, lay, scale, complement=True)
             out_f, lse_f = merge_attention_by_lse(out_s, lse_s, out_c, lse_c)
         else:
@@ -179,7 +212,7 @@ def rettention_attention(q, k, v, grid, *, keep_fraction: float = 0.03, state: R
     out = r.unsqueeze(-1) * out_s.float()
     if residual and state.residual is not None:
         out = out + state.residual.float()
-    density = (lay.kept_pairs + N * T) / (N * (N + T))
+    density = (kept_pairs + N * T) / (N * (N + T))
     return out.to(q.dtype), density, state
 
 

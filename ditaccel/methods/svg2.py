@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention.block_sparse_torch import block_sparse_attention_torch
 from ..attention.kmeans import INITS, cluster_permutation, kmeans
 from ..attention.sparse_method import (
     SparseAttentionMethod, check_attention_inputs, permute_tokens, run_block_sparse, unpermute_tokens,
@@ -155,14 +156,17 @@ def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top
     kv_count = torch.gather(count, 1, p_cluster)
     perm_q = q_perm.reshape(B, H, N)
     perm_k = k_perm.reshape(B, H, N)
-    out_p, lse_p = run_block_sparse(
-        permute_tokens(q, perm_q), permute_tokens(k, perm_k), permute_tokens(v, perm_k),
-        kv_count.reshape(B, H, P).to(torch.int32), kv_index.reshape(B, H, P, Ck).to(torch.int32),
-        p_off.reshape(B, H, P + 1).to(torch.int32), k_off.reshape(B, H, Ck + 1).to(torch.int32),
-        scale=scale, max_q_block_size=block_size,
-    )
-    out = unpermute_tokens(out_p, perm_q)
-    lse = unpermute_tokens(lse_p.unsqueeze(-1), perm_q).squeeze(-1)
+    layout = (kv_count.reshape(B, H, P).to(torch.int32), kv_index.reshape(B, H, P, Ck).to(torch.int32),
+              p_off.reshape(B, H, P + 1).to(torch.int32), k_off.reshape(B, H, Ck + 1).to(torch.int32))
+    if not q.is_cuda:
+        # CPU gather path: reads q/k/v through the permutations, returns out/lse in token order
+        out, lse = block_sparse_attention_torch(q, k, v, *layout, scale=scale, q_perm=perm_q, k_perm=perm_k)
+    else:
+        out_p, lse_p = run_block_sparse(permute_tokens(q, perm_q), permute_tokens(k, perm_k),
+                                        permute_tokens(v, perm_k), *layout, scale=scale,
+                                        max_q_block_size=block_size)
+        out = unpermute_tokens(out_p, perm_q)
+        lse = unpermute_tokens(lse_p.unsqueeze(-1), perm_q).squeeze(-1)
     out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
     return out, lse, density, SVG2State(cq, ck)
 

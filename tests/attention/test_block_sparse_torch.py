@@ -113,3 +113,24 @@ def test_bad_inputs():
         block_sparse_attention_torch(q[0], k, v, kv_count, kv_index)
     with pytest.raises(ValueError, match="block_m must be a positive int"):
         block_sparse_attention_torch(q, k, v, kv_count, kv_index, block_m=0)
+
+
+def test_permutations_equal_permuting_the_inputs():
+    """q_perm/k_perm read through the permutation: same as permuting q/k/v and un-permuting out/lse."""
+    B, H, Lq, Lk = 2, 2, 90, 70
+    g = torch.Generator().manual_seed(7)
+    q, k, v = _qkv(B, H, Lq, Lk, 16, torch.float32, seed=8)
+    q_off, k_off = random_offsets(B, H, Lq, 6, g), random_offsets(B, H, Lk, 5, g)
+    kv_count, kv_index = build_block_index(random_block_mask(B, H, 6, 5, 0.5, g))
+    qp = torch.rand(B, H, Lq, generator=g).argsort(-1)
+    kp = torch.rand(B, H, Lk, generator=g).argsort(-1)
+
+    def perm(x, p):
+        return torch.gather(x, 2, p.unsqueeze(-1).expand(*p.shape, x.shape[-1]))
+
+    out_p, lse_p = block_sparse_attention_torch(perm(q, qp), perm(k, kp), perm(v, kp), kv_count, kv_index,
+                                                q_offsets=q_off, k_offsets=k_off, max_elements=3000)
+    out, lse = block_sparse_attention_torch(q, k, v, kv_count, kv_index, q_offsets=q_off, k_offsets=k_off,
+                                            max_elements=3000, q_perm=qp, k_perm=kp)
+    torch.testing.assert_close(perm(out, qp), out_p, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.gather(lse, 2, qp), lse_p, atol=1e-6, rtol=1e-6)

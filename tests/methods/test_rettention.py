@@ -54,6 +54,48 @@ def test_sparse_part_and_lse_match_brute_force(grid):
     assert mask.diagonal().all()  # every token keeps its own tile
 
 
+@pytest.mark.parametrize("grid,T,B", [((16, 16), 5, 1), ((13, 10), 3, 2), ((3, 9, 11), 0, 1)])
+def test_gathered_cpu_path_matches_brute_force_with_text(grid, T, B):
+    """The CPU path (nearest tiles gathered in raster order, text keys in the same kernel call)
+    equals brute-force masked attention over [image keys of the layout, all text keys]."""
+    from ditaccel.attention.gathered import gathered_attention
+    from ditaccel.methods.rettention import nearest_gather_plan
+
+    (q, k, v), _ = smooth_qkv(grid, B=B)
+    g = torch.Generator().manual_seed(9)
+    kt, vt = torch.randn(B, 2, T, 16, generator=g), torch.randn(B, 2, T, 16, generator=g)
+    mask, lay = layout_mask(grid, 0.1, B, 2)
+    gp = nearest_gather_plan(grid, 0.1, None, T, q.dtype, q.device)
+    out, lse = gathered_attention(q, k, v, gp, 0.25, kt if T else None, vt if T else None)
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], T, dtype=torch.bool)], 1)
+    ref_out, ref_lse = masked_attention(q, torch.cat([k, kt], 2), torch.cat([v, vt], 2), full_mask, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-5)
+    assert gp.kept_pairs == lay.kept_pairs == int(mask.sum())
+
+
+def test_cpu_paths_agree_on_refresh_and_corrected_steps(monkeypatch):
+    import ditaccel.methods.rettention as rt
+
+    grid, T = (13, 10), 4
+    (q, k, v), base = smooth_qkv(grid)
+    (q2, k2, v2), _ = smooth_qkv(grid, noise=0.3, base=base, seed=1)
+    g = torch.Generator().manual_seed(2)
+    kt, vt = torch.randn(1, 2, T, 16, generator=g), torch.randn(1, 2, T, 16, generator=g)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(rt, "flash_available", lambda x: False)
+        o1, d1, st = rettention_attention(q, k, v, grid, keep_fraction=0.1, refresh=True, k_txt=kt, v_txt=vt)
+        o2, d2, _ = rettention_attention(q2, k2, v2, grid, keep_fraction=0.1, state=st, step=1, k_txt=kt, v_txt=vt)
+        results.append((o1, o2, d2, st.ratio))
+    for a, b in zip(*results):
+        if isinstance(a, float):
+            assert a == pytest.approx(b)
+        else:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
 def test_keep_fraction_sets_the_density():
     grid = (64, 64)
     mask, lay = layout_mask(grid, 0.03, 1, 1)
