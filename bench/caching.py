@@ -1,5 +1,6 @@
 """Feature-caching benchmark: ditaccel's Δ-Cache / TaylorSeer / presets against diffusers' and
-cache-dit's caches on a FLUX-architecture model, at 28 and 50 steps.
+cache-dit's caches (each swept over its thresholds/intervals) on a FLUX-architecture model or the
+Wan-architecture video model (``--model wan_tiny``), at 28 and 50 steps.
 
 For every method: speedup (wall clock and process CPU time, median of ``--repeats`` runs,
 baseline and method runs interleaved), the fraction of transformer FLOPs skipped (counted the same
@@ -12,6 +13,7 @@ same architecture (2 double + 4 single blocks, 256 image tokens), compared on th
 (data range of the full-compute latents), and the report says so.
 
     PYTHONPATH=. .venv/bin/python bench/caching.py --steps 28 50 --repeats 3 --out bench/results/caching.json
+    PYTHONPATH=. .venv/bin/python bench/caching.py --model wan_tiny --steps 28 --out bench/results/caching_wan.json
 """
 
 from __future__ import annotations
@@ -38,8 +40,20 @@ from ditaccel.hooks.flops import _custom_mapping  # noqa: E402
 # model
 
 
-def build_pipeline(force_random: bool = False):
+def build_wan_pipeline():
+    """The trained Wan video reference model, two classes, 5 frames of 32x32; compared on decoded frames."""
+    from ditaccel.reference.pipelines import load_reference_pipeline, reference_call_kwargs
+
+    pipe, prompts = load_reference_pipeline("wan_tiny")
+    kw = reference_call_kwargs(prompts, ["red_circle", "blue_square"])
+    kw.update(height=32, width=32, num_frames=5, output_type="pt")
+    return pipe, kw, "trained reference model wan_tiny (Wan DiT, 4 layers, 5 frames 32x32 = 192 tokens, batch 2)", "images"
+
+
+def build_pipeline(force_random: bool = False, model: str = "flux_tiny"):
     """(pipe, call_kwargs, description, compare_on)."""
+    if model == "wan_tiny":
+        return build_wan_pipeline()
     if not force_random:
         try:
             from ditaccel.reference.pipelines import load_reference_pipeline, reference_call_kwargs
@@ -72,7 +86,7 @@ def generate(pipe, kw, steps: int, seed: int = 0) -> tuple[torch.Tensor, float, 
     with torch.inference_mode():
         out = pipe(**kw, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
     wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
-    x = out.images
+    x = out.frames if hasattr(out, "frames") else out.images
     if kw.get("output_type") == "latent":
         x = pipe._unpack_latents(x, kw["height"], kw["width"], pipe.vae_scale_factor)
     return x.float(), wall, cpu
@@ -298,6 +312,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers-only", action="store_true")
     ap.add_argument("--random", action="store_true", help="use the random-weight FLUX even if the reference exists")
+    ap.add_argument("--model", choices=("flux_tiny", "wan_tiny"), default="flux_tiny")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -305,7 +320,7 @@ def main(argv=None) -> None:
     for steps in args.steps:
         # a fresh pipeline per step count: cache-dit leaves the transformer's forward patched after
         # disable_cache, so its methods run last and nothing runs after them on the same model
-        pipe, kw, desc, compare_on = build_pipeline(force_random=args.random)
+        pipe, kw, desc, compare_on = build_pipeline(force_random=args.random, model=args.model)
         print(f"[bench] model: {desc}; fidelity on {compare_on}; threads {args.threads}; repeats {args.repeats}")
         methods = {} if args.peers_only else dict(our_methods())
         if not args.no_peers:
