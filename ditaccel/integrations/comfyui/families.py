@@ -17,11 +17,13 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from ...adapters.base import CFG_BATCHED, ENCODER, HIDDEN, BlockGroup, BlockIO, ModelAdapter
+from ...adapters.base import ENCODER, HIDDEN, BlockIO
 from ...errors import UnsupportedModelError
 
 # The key ComfyUI's DiT forwards read their block replacements from.
 PATCH_NAME = "dit"
+
+TEXT_FIRST = "text_first"
 
 TWO_STREAM = ("img", "txt")
 ONE_STREAM = ("img",)
@@ -37,6 +39,12 @@ class ComfyBlockGroup:
     kind: str  # "double_block" / "single_block"
     attr: str  # ModuleList attribute of the diffusion model
     streams: tuple[str, ...]
+    # Per-module units (TaylorSeer granularity "module"): children the block's forward calls as
+    # modules (replaced through ComfyUI object patches), and whether the block's attention core is
+    # a bare ``optimized_attention`` call (reached through the attention override). A group with
+    # neither is forecast whole, like FLUX single blocks on the diffusers path.
+    units: tuple[str, ...] = ()
+    attention_core: bool = False
 
     @property
     def io(self) -> BlockIO:
@@ -51,6 +59,11 @@ class ComfyFamily:
     classes: tuple[tuple[str, str], ...]  # (module, class name) of the diffusion model, matched along the MRO
     groups: tuple[ComfyBlockGroup, ...]  # empty: no block patches in this family's forward
     description: str = ""
+    # Token layout for sparse attention: latent patch size over (H, W) or (T, H, W), and where the
+    # text tokens sit in the joint sequence ("text_first"; "separate": text by cross-attention).
+    # None: the layout is not described, sparse attention is refused for this family.
+    patch: tuple[int, ...] | None = None
+    joint_order: str = "separate"
 
 
 DOUBLE = "double_block"
@@ -60,22 +73,22 @@ FAMILIES: dict[str, ComfyFamily] = {
     f.name: f
     for f in (
         ComfyFamily("flux", (("comfy.ldm.flux.model", "Flux"),),
-                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
-                    "FLUX.1 / FLUX.2 / Kontext (comfy.ldm.flux)"),
+                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM, ("img_mlp", "txt_mlp"), True), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    "FLUX.1 / FLUX.2 / Kontext (comfy.ldm.flux)", patch=(2, 2), joint_order=TEXT_FIRST),
         ComfyFamily("chroma", (("comfy.ldm.chroma.model", "Chroma"),),
-                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
-                    "Chroma (comfy.ldm.chroma)"),
+                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM, ("img_mlp", "txt_mlp"), True), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    "Chroma (comfy.ldm.chroma)", patch=(2, 2), joint_order=TEXT_FIRST),
         ComfyFamily("sd3", (("comfy.ldm.modules.diffusionmodules.mmdit", "MMDiT"),),
                     (ComfyBlockGroup(DOUBLE, "joint_blocks", TWO_STREAM),),
                     "Stable Diffusion 3 / 3.5 MMDiT"),
         ComfyFamily("wan", (("comfy.ldm.wan.model", "WanModel"),),
-                    (ComfyBlockGroup(DOUBLE, "blocks", ONE_STREAM),),
-                    "Wan 2.1 / 2.2 (t2v, i2v, VACE, camera, S2V, HuMo)"),
+                    (ComfyBlockGroup(DOUBLE, "blocks", ONE_STREAM, ("self_attn", "cross_attn", "ffn")),),
+                    "Wan 2.1 / 2.2 (t2v, i2v, VACE, camera, S2V, HuMo)", patch=(1, 2, 2)),
         ComfyFamily("hunyuan_video", (("comfy.ldm.hunyuan_video.model", "HunyuanVideo"),),
-                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM, ("img_mlp", "txt_mlp"), True), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
                     "HunyuanVideo / HunyuanVideo 1.5 / HunyuanImage 2.1"),
         ComfyFamily("ltxv", (("comfy.ldm.lightricks.model", "LTXVModel"),),
-                    (ComfyBlockGroup(DOUBLE, "transformer_blocks", ONE_STREAM),),
+                    (ComfyBlockGroup(DOUBLE, "transformer_blocks", ONE_STREAM, ("attn1", "attn2", "ff")),),
                     "LTX-Video"),
         ComfyFamily("qwen_image", (("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),),
                     (ComfyBlockGroup(DOUBLE, "transformer_blocks", TWO_STREAM),),
@@ -151,39 +164,3 @@ def forward_reads_block_patches(dm, family: ComfyFamily) -> bool:
     if "blocks_replace" not in text and "patches_replace" not in text:
         return False
     return all(f'"{g.kind}"' in text or f"'{g.kind}'" in text for g in family.groups)
-
-
-def build_adapter(model, scope: str | None = None) -> tuple[ModelAdapter, str, dict]:
-    """(ModelAdapter, scope, {id(block): (patch kind, index)}) of a ComfyUI MODEL.
-
-    ``scope`` None picks blocks where the forward reads block patches, else the whole model.
-    The adapter is ditaccel's model-facts object, so the method implementations (step caches and
-    their segment plumbing) are the same objects as on the diffusers path.
-    """
-    family = family_of(model)
-    dm = diffusion_model_of(model)
-    block_ok = forward_reads_block_patches(dm, family)
-    if scope is None:
-        scope = SCOPE_BLOCKS if block_ok else SCOPE_MODEL
-    if scope == SCOPE_BLOCKS and not block_ok:
-        raise UnsupportedModelError(
-            f"The {family.name} model code of this ComfyUI does not read block replace patches, so blocks cannot "
-            "be cached one by one; use cache scope 'model' (whole diffusion-model step cache) or 'auto'."
-        )
-    keys: dict[int, tuple[str, int]] = {}
-    if scope == SCOPE_BLOCKS:
-        groups = []
-        for g in family.groups:
-            blocks = blocks_of(dm, g)
-            for i, b in enumerate(blocks):
-                keys[id(b)] = (g.kind, i)
-            groups.append(BlockGroup(g.attr, blocks, g.io))
-    elif scope == SCOPE_MODEL:
-        groups = [BlockGroup("diffusion_model", [dm], BlockIO(hidden_arg="x", encoder_arg=None, outputs=(HIDDEN,)))]
-    else:
-        raise UnsupportedModelError(f"Unknown cache scope {scope!r}; expected {SCOPE_BLOCKS!r} or {SCOPE_MODEL!r}.")
-    adapter = ModelAdapter(
-        family=family.name, model=dm, block_groups=groups, cfg_style=CFG_BATCHED, hidden_arg="x",
-        notes=f"ComfyUI {type(getattr(model, 'model', None)).__name__}; scope {scope}",
-    )
-    return adapter, scope, keys

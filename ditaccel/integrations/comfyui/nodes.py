@@ -9,8 +9,7 @@ from typing import Any
 from comfy_api.latest import ComfyExtension, io
 
 import ditaccel
-from ...config import MethodConfig, apply_function_for, resolve_configs
-from ...methods.step_cache import StepCacheConfig
+from ...config import MethodConfig, apply_function_for, preset_description, preset_names, resolve_configs
 from ...errors import ConfigError
 from .runtime import SCOPES, accelerate_model
 from .schema import (BOOL, CHOICE, DTYPE, FLOAT, INT, INT_LIMIT, INT_TUPLE, OPTIONAL_FLOAT, OPTIONAL_INT, STRING,
@@ -20,9 +19,10 @@ CATEGORY = "model_patches/ditaccel"
 SCOPE_TOOLTIP = ("Where the step cache sits: 'blocks' caches the transformer blocks through ComfyUI block patches, "
                  "'model' caches the whole diffusion-model call; 'auto' picks blocks where the model supports it.")
 
-# Methods whose ComfyUI plumbing exists (segment-based step caches). Nodes of the others are listed
-# as experimental and raise a clear error when run.
-COMFY_READY = {"StepCacheConfig"}
+# Methods whose ComfyUI plumbing exists (block patches, object patches of block children, the
+# attention override). Nodes of the others are listed as experimental and raise a clear error when run.
+COMFY_READY = {"StepCacheConfig", "TaylorSeerConfig", "DeltaCacheConfig", "SVG2Config", "RettentionConfig",
+               "CLEARConfig"}
 
 
 def method_config_classes() -> list[type[MethodConfig]]:
@@ -65,16 +65,14 @@ def _scope_input():
     return io.Combo.Input("cache_scope", options=list(SCOPES), default="auto", tooltip=SCOPE_TOOLTIP)
 
 
-# The diffusers presets use per-module TaylorSeer forecasts, whose plumbing (module hooks) has no
-# ComfyUI counterpart yet; in ComfyUI the same intents map to the block-stack step cache, which runs
-# through ComfyUI's own block patches.
-COMFY_PRESETS: dict[str, tuple[str, StepCacheConfig]] = {
-    "quality": ("block-stack cache every 2nd step after 4 warm-up steps, last 2 computed",
-                StepCacheConfig(interval=2, warmup_steps=4, final_steps=2)),
-    "balanced": ("block-stack cache every 2nd step after 2 warm-up steps", StepCacheConfig(interval=2, warmup_steps=2)),
-    "fast": ("block-stack cache, 2 of every 3 steps reused", StepCacheConfig(interval=3, warmup_steps=2)),
-    "off": ("hooks attached, nothing skipped (output bit-identical)", StepCacheConfig(interval=1)),
-}
+# The presets are ditaccel's own (ditaccel/presets.py): the same method configs as
+# ``enable_acceleration(pipe, preset)`` on the diffusers path.
+PRESET_ORDER = ("quality", "balanced", "fast", "off")
+
+
+def comfy_presets() -> list[str]:
+    names = preset_names()
+    return [p for p in PRESET_ORDER if p in names] + [p for p in names if p not in PRESET_ORDER]
 
 
 class DitAccelerate(io.ComfyNode):
@@ -82,8 +80,8 @@ class DitAccelerate(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        presets = list(COMFY_PRESETS)
-        lines = "; ".join(f"{p}: {desc}" for p, (desc, _) in COMFY_PRESETS.items())
+        presets = comfy_presets()
+        lines = "; ".join(f"{p}: {preset_description(p)}" for p in presets)
         return io.Schema(
             node_id="DitAccelerate",
             display_name="DiT Accelerate",
@@ -95,7 +93,7 @@ class DitAccelerate(io.ComfyNode):
                 io.Combo.Input("preset", options=presets, default="balanced" if "balanced" in presets else presets[0],
                                tooltip="Speed/quality intent; the options below override the preset's values."),
                 io.Int.Input("interval", default=0, min=0, max=1000,
-                             tooltip="Compute the blocks every N steps and reuse their residual in between; "
+                             tooltip="Compute in full every N steps and reuse/forecast in between; "
                                      "0 = the preset's value."),
                 io.Int.Input("warmup_steps", default=-1, min=-1, max=1000,
                              tooltip="Steps always computed at the start; -1 = the preset's value."),
@@ -118,9 +116,9 @@ class DitAccelerate(io.ComfyNode):
             overrides["warmup_steps"] = int(warmup_steps)
         if final_steps >= 0:
             overrides["final_steps"] = int(final_steps)
-        if preset not in COMFY_PRESETS:
-            raise ConfigError(f"Unknown preset {preset!r}; expected one of {list(COMFY_PRESETS)}.")
-        configs = resolve_configs([COMFY_PRESETS[preset][1]], overrides)
+        if preset not in preset_names():
+            raise ConfigError(f"Unknown preset {preset!r}; expected one of {comfy_presets()}.")
+        configs = resolve_configs(preset, overrides)
         return io.NodeOutput(accelerate_model(model, configs, scope=cache_scope, verbose=verbose))
 
 

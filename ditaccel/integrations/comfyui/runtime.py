@@ -31,13 +31,17 @@ import torch
 
 from ...adapters.base import pack_output, unpack_output
 from ...config import MethodConfig, apply_function_for
+from ...attention.dispatch import AttentionSite
 from ...errors import CompositionError, ConfigError, describe
 from ...hooks.distributed import RankSync
 from ...hooks.engine import CallState
-from ...hooks.method import STEP_CACHE
 from ...hooks.segment_cache import SegmentCache
 from ...hooks.step_clock import StepClock
-from .families import PATCH_NAME, SCOPE_BLOCKS, SCOPE_MODEL, build_adapter
+from .adapter import ATTENTION_UNIT, MODULE_UNIT, build_adapter, unit_key
+from .attention import OVERRIDE_KEY, AttentionArgs, AttentionOverride
+from .families import PATCH_NAME, SCOPE_BLOCKS, SCOPE_MODEL
+from .parts import method_parts
+from .units import UnitModule, run_unit
 
 log = logging.getLogger("ditaccel.comfyui")
 
@@ -46,6 +50,11 @@ SPEC_KEY = "ditaccel"  # transformer_options[SPEC_KEY]: the AccelSpec of a patch
 RUN_KEY = "ditaccel_run"  # transformer_options[RUN_KEY]: the ComfyEngine of the running sampling run
 
 _CURRENT_RUN: contextvars.ContextVar["ComfyEngine | None"] = contextvars.ContextVar("ditaccel_comfy_run", default=None)
+
+
+def current_run() -> "ComfyEngine | None":
+    """The engine of the sampling run whose diffusion-model call is executing (None outside one)."""
+    return _CURRENT_RUN.get()
 
 SCOPES = ("auto", SCOPE_BLOCKS, SCOPE_MODEL)
 
@@ -73,23 +82,6 @@ class AccelSpec:
         return f"AccelSpec({[c.method_name for c in self.configs]}, scope={self.scope})"
 
 
-def _comfy_segments(method) -> list[SegmentCache]:
-    """The segment caches a method runs through; methods built on other plumbing are refused."""
-    from ...methods.step_cache import StepCache
-
-    plumbing = getattr(type(method), "comfy_plumbing", "segments" if isinstance(method, StepCache) else None)
-    segments = getattr(method, "segments", None)
-    kinds = {kind for kind, _, _ in method.claims()}
-    if (plumbing != "segments" or not isinstance(segments, list)
-            or not all(isinstance(s, SegmentCache) for s in segments) or kinds - {STEP_CACHE}):
-        raise ConfigError(
-            f"{method.name} is not available in ComfyUI yet: it needs plumbing that only the diffusers path has "
-            f"(module hooks or attention processors). In ComfyUI use the step cache (DiT Accelerate presets "
-            f"'quality', 'balanced', 'fast', or the 'DiT Accel: StepCache' node)."
-        )
-    return segments
-
-
 class ComfyEngine:
     """The engine of one sampling run: what ditaccel's methods see as ``engine``.
 
@@ -114,23 +106,27 @@ class ComfyEngine:
         # One ComfyUI process samples on one device: decisions need no agreement across ranks.
         self.sync = RankSync(False)
         self.methods = [apply_function_for(c)(self, c) for c in spec.configs]
+        self.block_keys = keys
         self.block_map: dict[tuple[str, int], tuple[SegmentCache, int]] = {}
+        self.probe_map: dict[tuple[str, int], list] = {}
+        self.unit_map: dict[tuple, tuple] = {}  # unit key -> (ModuleCache, index)
         self.model_segment: SegmentCache | None = None
+        self.sparse = None
         owner: dict[int, str] = {}
         for method in self.methods:
-            for seg in _comfy_segments(method):
-                for name, block, _ in seg.entries:
-                    if id(block) in owner:
-                        raise CompositionError(
-                            f"{method.name} and {owner[id(block)]} both want to be the step cache of {name!r}. "
-                            "Use one step-cache method per model."
-                        )
-                    owner[id(block)] = method.name
-                if self.scope == SCOPE_BLOCKS:
-                    for j, (_, block, _) in enumerate(seg.entries):
-                        self.block_map[keys[id(block)]] = (seg, j)
-                else:
-                    self.model_segment = seg
+            parts = method_parts(method)
+            self._add_segments(method, parts.segments, owner)
+            for probe in parts.probes:
+                self.probe_map.setdefault(keys[id(probe.block)], []).append(probe)
+            for cache in parts.module_caches:
+                for i, (name, module) in enumerate(cache.modules):
+                    self.unit_map[self.adapter.unit_keys[id(module)]] = (cache, i)
+            if parts.sparse is not None:
+                self._add_sparse(parts.sparse)
+        self.current_block: tuple[str, int] | None = None
+        self._attention_calls: dict[tuple[str, int], int] = {}
+        self._sites: dict[tuple, AttentionSite] = {}
+        self._layer_index = {key: i for i, key in enumerate(keys[id(b)] for _, b in self.adapter.attention_modules())}
         self.branch_ids: dict[tuple, int] = {}
         self.totals = {"transformer_calls": 0, "steps": 0, "segments_computed": 0, "segments_skipped": 0,
                        "model_calls_skipped": 0}
@@ -142,6 +138,47 @@ class ComfyEngine:
 
     def __copy__(self):
         return self
+
+    def _add_segments(self, method, segments: list[SegmentCache], owner: dict[int, str]) -> None:
+        for seg in segments:
+            for name, block, _ in seg.entries:
+                if id(block) in owner:
+                    if owner[id(block)] == method.name:
+                        raise ConfigError(
+                            f"{method.name} caches {name!r} in two block ranges, which ComfyUI's block patches cannot "
+                            "nest (a model or segment of one block). Give it disjoint ranges, or use the StepCache.")
+                    raise CompositionError(
+                        f"{method.name} and {owner[id(block)]} both want to be the step cache of {name!r}. "
+                        "Use one step-cache method per model."
+                    )
+                owner[id(block)] = method.name
+            if self.scope == SCOPE_BLOCKS:
+                for j, (_, block, _) in enumerate(seg.entries):
+                    self.block_map[self.block_keys[id(block)]] = (seg, j)
+            else:
+                self.model_segment = seg
+
+    def _add_sparse(self, method) -> None:
+        if self.sparse is not None:
+            raise CompositionError(f"{method.name} and {self.sparse.name} both want to own the attention; use one "
+                                   "sparse-attention method per model.")
+        if self.scope != SCOPE_BLOCKS or self.adapter.token_layout_fn is None:
+            supported = "flux, chroma, wan"
+            raise ConfigError(
+                f"{method.name} in ComfyUI needs block patches (cache scope 'blocks') and a known token layout; the "
+                f"{self.adapter.family} model in {self.scope} scope has {'no layout' if self.scope == SCOPE_BLOCKS else 'no block patches'}. "
+                f"Sparse attention runs in ComfyUI for: {supported}.")
+        self.sparse = method
+
+    # -- what accelerate_model attaches --------------------------------------------------------------
+    @property
+    def needs_attention_override(self) -> bool:
+        return self.sparse is not None or any(k[0] == ATTENTION_UNIT for k in self.unit_map)
+
+    def object_patch_paths(self) -> dict[str, tuple]:
+        """``diffusion_model.<blocks>.<i>.<child>`` -> unit key, for every module unit."""
+        attrs = {g.kind: g.attr for g in self.adapter.comfy_family.groups}
+        return {f"diffusion_model.{attrs[k[1]]}.{k[2]}.{k[3]}": k for k in self.unit_map if k[0] == MODULE_UNIT}
 
     # -- engine interface used by the methods ------------------------------------------------------
     def flops_of(self, module) -> int:
@@ -158,7 +195,7 @@ class ComfyEngine:
         idx = int((schedule >= value - tol).sum().item()) - 1
         return min(max(idx, 0), self.total_steps - 1)
 
-    def begin_call(self, x: torch.Tensor, transformer_options: dict) -> CallState:
+    def begin_call(self, x: torch.Tensor, transformer_options: dict, context=None) -> CallState:
         sigma = transformer_options.get("sigmas")
         step = self.step_of(sigma)
         self.clock.set_step(step, self.total_steps)
@@ -170,7 +207,7 @@ class ComfyEngine:
         if info.reset:
             for method in self.methods:
                 method.reset()
-        call = CallState(info=info, args=(x,), kwargs={})
+        call = CallState(info=info, args=(x,), kwargs={"context": context})
         self.current_call = call
         self.totals["transformer_calls"] += 1
         if step not in self._steps_seen:
@@ -200,6 +237,22 @@ class ComfyEngine:
 
     # -- block patches -------------------------------------------------------------------------------
     def run_block(self, kind: str, index: int, args: dict, compute):
+        outer = self.current_block
+        self.current_block = (kind, index)
+        self._attention_calls[(kind, index)] = 0
+        try:
+            return self._run_block(kind, index, args, compute)
+        finally:
+            self.current_block = outer
+
+    def _run_block(self, kind: str, index: int, args: dict, compute):
+        probes = self.probe_map.get((kind, index))
+        if probes:
+            out = compute(args)
+            for probe in probes:
+                if out["img"].shape == args["img"].shape:
+                    probe.on_probe(args["img"], out["img"])
+            return out
         entry = self.block_map.get((kind, index))
         if entry is None:
             return compute(args)
@@ -219,6 +272,38 @@ class ComfyEngine:
         if position == len(seg.entries) - 1:
             seg.exit(io, pack_output(io, out["img"], out.get("txt") if two_streams else None))
         return out
+
+    # -- module units and attention -----------------------------------------------------------------
+    def run_unit(self, key: tuple, compute):
+        entry = self.unit_map.get(key)
+        if entry is None:
+            return compute()
+        return run_unit(entry[0], entry[1], compute)
+
+    def _site(self, block: tuple[str, int], n: int) -> AttentionSite:
+        site = self._sites.get((block, n))
+        if site is None:
+            site = self._sites[(block, n)] = AttentionSite(f"{block[0]}.{block[1]}.attention{n}", None,
+                                                           self._layer_index.get(block, 0), n)
+        return site
+
+    def run_attention(self, a: AttentionArgs, dense):
+        block = self.current_block
+        if block is None or not a.usable:
+            return dense()
+        n = self._attention_calls.get(block, 0)
+        self._attention_calls[block] = n + 1
+
+        def compute():
+            if self.sparse is None:
+                return dense()
+            out = self.sparse.attend(self._site(block, n), a.to_bhld(a.q), a.to_bhld(a.k), a.to_bhld(a.v), a.mask,
+                                     None)
+            return dense() if out is None else a.from_bhld(out)
+
+        if n == 0:
+            return self.run_unit(unit_key(block[0], block[1], None), compute)
+        return compute()
 
     # -- whole-model segment -------------------------------------------------------------------------
     def run_model(self, x: torch.Tensor, compute):
@@ -241,7 +326,7 @@ class ComfyEngine:
     def stats(self) -> dict[str, Any]:
         t = self.totals
         computed = sum(m.counters.get("computed", 0) for m in self.methods)
-        cached = sum(m.counters.get("cached", 0) for m in self.methods)
+        cached = sum(m.counters.get("cached", 0) + m.counters.get("forecast", 0) for m in self.methods)
         return {
             "family": self.adapter.family,
             "scope": self.scope,
@@ -317,7 +402,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if not isinstance(engine, ComfyEngine) or not args or not isinstance(args[0], torch.Tensor):
         return executor(*args, **kwargs)
     x = args[0]
-    call = engine.begin_call(x, to)
+    context = kwargs.get("context", args[2] if len(args) > 2 else None)
+    call = engine.begin_call(x, to, context)
     token = _CURRENT_RUN.set(engine)
     try:
         if engine.scope == SCOPE_MODEL:
@@ -359,7 +445,7 @@ class BlockPatch:
 
 
 def _strip_own_patches(model_patcher) -> None:
-    """Take out the block patches of an earlier ditaccel node (restoring what they wrapped)."""
+    """Take out what an earlier ditaccel node attached to this clone (restoring what it wrapped)."""
     to = model_patcher.model_options.get("transformer_options", {})
     dit = to.get("patches_replace", {}).get(PATCH_NAME, {})
     for key, patch in list(dit.items()):
@@ -368,13 +454,30 @@ def _strip_own_patches(model_patcher) -> None:
                 dit[key] = patch.previous
             else:
                 del dit[key]
+    override = to.get(OVERRIDE_KEY)
+    if isinstance(override, AttentionOverride):
+        if override.previous is not None:
+            to[OVERRIDE_KEY] = override.previous
+        else:
+            del to[OVERRIDE_KEY]
+    for path, obj in list(model_patcher.object_patches.items()):
+        if isinstance(obj, UnitModule):
+            del model_patcher.object_patches[path]
+
+
+def _original_module(model_patcher, path: str):
+    obj = model_patcher.get_model_object(path)
+    while isinstance(obj, UnitModule):
+        obj = obj.original
+    return obj
 
 
 def accelerate_model(model, configs: MethodConfig | Sequence[MethodConfig], scope: str = "auto",
                      verbose: bool = False):
     """A clone of the ComfyUI MODEL with ditaccel's methods attached through ComfyUI's own patch
-    mechanisms. The input MODEL is not changed. Errors (unsupported model or method) are raised
-    here, when the node runs, not in the middle of sampling."""
+    mechanisms (wrappers, block replace patches, object patches of block children, the attention
+    override). The input MODEL is not changed. Errors (unsupported model, method or combination) are
+    raised here, when the node runs, not in the middle of sampling."""
     if isinstance(configs, MethodConfig):
         configs = [configs]
     configs = list(configs)
@@ -389,16 +492,23 @@ def accelerate_model(model, configs: MethodConfig | Sequence[MethodConfig], scop
     import comfy.patcher_extension as pe
 
     patched = model.clone()
-    patched.model_options.setdefault("transformer_options", {})[SPEC_KEY] = spec
+    to = patched.model_options.setdefault("transformer_options", {})
+    to[SPEC_KEY] = spec
     for wrapper_type, fn in ((pe.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
                              (pe.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
         patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, fn)
     _strip_own_patches(patched)
     if probe.scope == SCOPE_BLOCKS:
-        existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get(PATCH_NAME, {})
-        for kind, index in sorted(probe.block_map):
+        # every block gets a patch: the engine follows which block runs (attention sites, units)
+        existing = to.get("patches_replace", {}).get(PATCH_NAME, {})
+        for kind, index in sorted(probe.block_keys.values()):
             patched.set_model_patch_replace(BlockPatch(kind, index, existing.get((kind, index))), PATCH_NAME, kind, index)
+    for path, key in sorted(probe.object_patch_paths().items()):
+        patched.add_object_patch(path, UnitModule(_original_module(patched, path), key, current_run))
+    if probe.needs_attention_override:
+        to = patched.model_options["transformer_options"]  # set_model_patch_replace made a new one
+        to[OVERRIDE_KEY] = AttentionOverride(current_run, to.get(OVERRIDE_KEY))
     return patched
 
 
