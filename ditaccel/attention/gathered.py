@@ -31,11 +31,13 @@ class GatherPlan:
     kept_pairs: int  # kept (image query, image key) pairs
 
 
-def make_gather_plan(N: int, q_index, q_valid, k_index, k_valid, base, text: int, dtype, device) -> GatherPlan:
+def make_gather_plan(N: int, q_index, q_valid, k_index, k_valid, base, text: int, dtype, device,
+                     max_bias_bytes: int = 64 << 20) -> GatherPlan:
     """N image tokens; q_index/q_valid (n, Tq), k_index/k_valid (n, W) raster ids on the image
     grid (invalid slots are masked; every image token is a valid query of exactly one tile), base
     None or a (Tq, W) keep-mask shared by all tiles. ``text`` keys are appended to every tile
-    (always kept)."""
+    (always kept). Border-tile masks are cached as additive float masks up to ``max_bias_bytes``,
+    beyond that as bool masks turned into float per chunk."""
     n, Tq = q_index.shape
     keep_img = k_valid.unsqueeze(1).expand(n, Tq, -1)
     if base is not None:
@@ -51,9 +53,11 @@ def make_gather_plan(N: int, q_index, q_valid, k_index, k_valid, base, text: int
         if bool(interior[ids[0]]):
             kp = keep[ids[:1]]
             bias = None if bool(kp.all()) else torch.zeros(kp.shape, dtype=dtype).masked_fill_(~kp, float("-inf"))
-        else:
+        elif ids.numel() * keep.shape[1] * keep.shape[2] * torch.empty(0, dtype=dtype).element_size() <= max_bias_bytes:
             kp = keep[ids]
             bias = torch.zeros(kp.shape, dtype=dtype).masked_fill_(~kp, float("-inf"))
+        else:  # too many border tiles to hold their masks (large video grids): build them per chunk
+            bias = keep[ids]
         bias = None if bias is None else bias.unsqueeze(1).to(device)
         groups.append((ids.to(device), q_index[ids].to(device), full_index[ids].to(device), bias))
     return GatherPlan(N, Tq, tuple(groups), bool(q_valid.all()), q_valid.to(device), kept_pairs)
@@ -101,6 +105,8 @@ def gathered_attention(q, k, v, plan: GatherPlan, scale: float, k_txt=None, v_tx
             vg = vs.index_select(0, ki).view(c, W, BH, D).transpose(1, 2)
             qg = qs.index_select(0, qi).view(c, Tq, BH, D).transpose(1, 2)
             b = bias if bias is None or bias.shape[0] == 1 else bias[c0:c1]
+            if b is not None and b.dtype == torch.bool:
+                b = torch.zeros(b.shape, dtype=q.dtype, device=q.device).masked_fill_(~b, float("-inf"))
             res = flash_attention_lse(qg, kg, vg, b, scale)
             if res is None:
                 return None

@@ -187,3 +187,25 @@ def test_runs_on_every_family(case):
     assert torch.isfinite(out).all()
     if s.get("sparse"):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_border_masks_built_per_chunk_match(monkeypatch):
+    """Large grids keep border-tile masks as bool and build them per chunk: same result."""
+    from ditaccel.attention import gathered
+    from ditaccel.attention.masks import fused_window_plan
+
+    grid, T = (21, 19), 3
+    N = math.prod(grid)
+    q, k, v = qkv(N + T, seed=11)
+    args = (q[:, :, :N], k[:, :, :N], v[:, :, :N], grid, (3.5, 3.5))
+    kw = dict(k_txt=k[:, :, N:], v_txt=v[:, :, N:], scale=0.3)
+    ref = clear_attention(*args, **kw)
+    fused_window_plan.cache_clear()
+    real = gathered.make_gather_plan
+    monkeypatch.setattr(gathered, "make_gather_plan", lambda *a, **k_: real(*a, **k_, max_bias_bytes=0))
+    plan = fused_window_plan(grid, (3.5, 3.5), None, T, q.dtype, q.device)
+    assert any(b is not None and b.dtype == torch.bool for *_, b in plan.groups)
+    out = clear_attention(*args, **kw)
+    fused_window_plan.cache_clear()
+    torch.testing.assert_close(out[0], ref[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-6, rtol=1e-6)
