@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -60,6 +61,34 @@ class CLEARConfig(MethodConfig):
         return (float(t),) * (ndim - 2) + (float(self.radius),) * 2
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """CLEAR's tile-level block-sparse layout for one grid/radius/tile on one device."""
+
+    count: torch.Tensor  # (1, 1, n) int32
+    index: torch.Tensor  # (1, 1, n, m) int32
+    perm: torch.Tensor  # (N,) raster cell of each tile-ordered token
+    offsets: torch.Tensor  # (n + 1,) int32 tile bounds
+    kept: int  # image (query, key) pairs computed
+    max_block: int
+
+
+@lru_cache(maxsize=32)
+def block_layout(grid: tuple[int, ...], radii: tuple[float, ...], tile: tuple[int, ...] | None,
+                 device: str) -> BlockLayout:
+    """Built once per (grid, radii, tile, device): the layout is static, and building it on the CPU
+    every attention call cost more than the attention itself on a GPU."""
+    plan = window_plan(grid, radii, tile)
+    tiles = plan.tiles
+    bm = tile_block_mask(plan)
+    sizes = (tiles.offsets[1:] - tiles.offsets[:-1]).double()
+    kept = int((bm.double() * sizes[:, None] * sizes[None, :]).sum())
+    count, index = build_block_index(bm[None, None])
+    return BlockLayout(count=count.to(device), index=index.to(device), perm=tiles.perm.to(device),
+                       offsets=tiles.offsets.to(device=device, dtype=torch.int32), kept=kept,
+                       max_block=math.prod(tiles.tile))
+
+
 def clear_attention(q, k, v, grid: tuple[int, ...], radii, *, k_txt=None, v_txt=None, scale: float | None = None,
                     mode: str = "exact", tile: tuple[int, ...] | None = None):
     """CLEAR attention of image queries q (B, H, N, D) over image keys (raster order on ``grid``)
@@ -84,15 +113,14 @@ def clear_attention(q, k, v, grid: tuple[int, ...], radii, *, k_txt=None, v_txt=
             return fused[0], fused[1], density
         out, lse = window_attention(q, k, v, plan, scale)
     elif mode == "blocks":
-        tiles = plan.tiles
-        bm = tile_block_mask(plan)
-        sizes = (tiles.offsets[1:] - tiles.offsets[:-1]).double()
-        kept = int((bm.double() * sizes[:, None] * sizes[None, :]).sum())
-        count, index = build_block_index(bm.to(q.device).expand(B, H, -1, -1))
-        perm = tiles.perm.to(q.device).expand(B, H, N)
-        off = tiles.offsets.to(device=q.device, dtype=torch.int32).expand(B, H, -1).contiguous()
+        lay = block_layout(grid, radii, tile, str(q.device))
+        kept = lay.kept
+        count = lay.count.expand(B, H, -1)
+        index = lay.index.expand(B, H, -1, -1)
+        perm = lay.perm.expand(B, H, N)
+        off = lay.offsets.expand(B, H, -1).contiguous()
         out_p, lse_p = run_block_sparse(permute_tokens(q, perm), permute_tokens(k, perm), permute_tokens(v, perm),
-                                        count, index, off, off, scale=scale, max_q_block_size=math.prod(tiles.tile))
+                                        count, index, off, off, scale=scale, max_q_block_size=lay.max_block)
         out = unpermute_tokens(out_p, perm)
         lse = unpermute_tokens(lse_p.unsqueeze(-1), perm).squeeze(-1)
     else:
