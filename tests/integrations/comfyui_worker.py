@@ -42,6 +42,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def node_defaults(node_id: str) -> dict:
+    """Every widget input of a node at its default (what a freshly placed node holds)."""
+    required = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"]
+    out = {}
+    for name, decl in required.items():
+        if name != "model":
+            opts = decl[1] if len(decl) > 1 else {}
+            out[name] = opts.get("default", decl[0][0] if isinstance(decl[0], list) else None)
+    return out
+
+
 def run_node(node_id: str, **inputs):
     """Call a node the way ComfyUI's executor does (execution._async_map_node_over_list)."""
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
@@ -111,8 +122,8 @@ def flux(R: dict) -> None:
     base_time = time.perf_counter() - t
     base_calls = counter.take()
 
-    patched = run_node("DitAccelerate", model=m, preset="balanced", interval=0, warmup_steps=-1, final_steps=-1,
-                       cache_scope="auto", verbose=True)
+    # the step cache (the DiT Accelerate presets are TaylorSeer: tests/integrations/test_comfyui_methods.py)
+    patched = run_node("DitAccelStepCache", model=m, interval=2, warmup_steps=2, final_steps=1, cache_scope="auto")
     t = time.perf_counter()
     acc8 = tiny.ksample(patched, pos, neg, lat, steps=8, cfg=2.0)
     acc_time = time.perf_counter() - t
@@ -135,8 +146,7 @@ def flux(R: dict) -> None:
     acc9_b2 = tiny.ksample(patched, pos, neg, lat_b2, steps=9, cfg=2.0)
     stats9 = last_stats(patched)
     acc5_again = tiny.ksample(patched, pos, neg, lat, steps=5, cfg=2.0)
-    fresh = run_node("DitAccelerate", model=m, preset="balanced", interval=0, warmup_steps=-1, final_steps=-1,
-                     cache_scope="auto", verbose=False)
+    fresh = run_node("DitAccelStepCache", model=m, interval=2, warmup_steps=2, final_steps=1, cache_scope="auto")
     fresh5 = tiny.ksample(fresh, pos, neg, lat, steps=5, cfg=2.0)
     base9_b2 = tiny.ksample(m, pos, neg, lat_b2, steps=9, cfg=2.0)
     counter.take()
@@ -234,9 +244,7 @@ def unsupported(R: dict) -> None:
         R["unsupported"] = {"raised": True, "type": type(err).__name__, "message": str(err),
                             "model_base": type(model.model).__name__}
     try:
-        run_node("DitAccelSVG2", model=tiny.tiny_flux(seed=0), q_clusters=4, k_clusters=8, top_p=0.9,
-                 min_density=0.1, kmeans_iters_first=2, kmeans_iters=1, kmeans_init="random",
-                 dense_steps_fraction=0.2, dense_layers=1, block_size=64, seed=0, cache_scope="auto")
+        run_node("DitAccelRAS", model=tiny.tiny_flux(seed=0), **node_defaults("DitAccelRAS"))
         R["unsupported_method"] = {"raised": False}
     except Exception as err:  # noqa: BLE001
         R["unsupported_method"] = {"raised": True, "type": type(err).__name__, "message": str(err)}

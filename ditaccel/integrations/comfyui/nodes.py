@@ -11,6 +11,7 @@ from comfy_api.latest import ComfyExtension, io
 import ditaccel
 from ...config import MethodConfig, apply_function_for, preset_description, preset_names, resolve_configs
 from ...errors import ConfigError
+from .parts import COMFY_READY_METHODS
 from .runtime import SCOPES, accelerate_model
 from .schema import (BOOL, CHOICE, DTYPE, FLOAT, INT, INT_LIMIT, INT_TUPLE, OPTIONAL_FLOAT, OPTIONAL_INT, STRING,
                      DEFAULT_FLOAT_MAX, DEFAULT_INT_MAX, FieldSpec, config_from_inputs, field_specs)
@@ -21,8 +22,7 @@ SCOPE_TOOLTIP = ("Where the step cache sits: 'blocks' caches the transformer blo
 
 # Methods whose ComfyUI plumbing exists (block patches, object patches of block children, the
 # attention override). Nodes of the others are listed as experimental and raise a clear error when run.
-COMFY_READY = {"StepCacheConfig", "TaylorSeerConfig", "DeltaCacheConfig", "SVG2Config", "RettentionConfig",
-               "CLEARConfig"}
+COMFY_READY = {f"{name}Config" for name in COMFY_READY_METHODS}
 
 
 def method_config_classes() -> list[type[MethodConfig]]:

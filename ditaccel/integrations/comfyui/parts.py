@@ -28,7 +28,9 @@ from ...hooks.module_cache import ModuleCache
 from ...hooks.probe import BlockProbe
 from ...hooks.segment_cache import SegmentCache
 
-KNOWN = (SegmentCache, ModuleCache, BlockProbe)
+# Methods whose parts all have a ComfyUI counterpart. Others are refused by name before they are
+# built (their constructors may expect diffusers model facts that a ComfyUI model does not have).
+COMFY_READY_METHODS = ("StepCache", "TaylorSeer", "DeltaCache", "SVG2", "Rettention", "CLEAR")
 
 
 @dataclass
@@ -57,6 +59,18 @@ def _not_available(method, why: str) -> ConfigError:
         "presets, or the StepCache, TaylorSeer and DeltaCache nodes) and the sparse attentions (SVG2, Rettention, "
         "CLEAR nodes)."
     )
+
+
+def check_ready(config) -> None:
+    """ConfigError, before anything is built, for a method that has no ComfyUI plumbing yet."""
+    if config.method_name not in COMFY_READY_METHODS:
+        why = {"RAS": "its token selection and cached K/V need per-token hooks inside the attention modules, "
+                      "not written for ComfyUI's model code yet",
+               "HarmoniCa": "its router has no ComfyUI plumbing yet"}.get(config.method_name, "no ComfyUI plumbing")
+        raise ConfigError(
+            f"{config.method_name} is not available in ComfyUI yet: {why}. In ComfyUI use "
+            f"{', '.join(COMFY_READY_METHODS)} (DiT Accelerate presets are TaylorSeer)."
+        )
 
 
 def method_parts(method) -> MethodParts:

@@ -40,7 +40,7 @@ from ...hooks.step_clock import StepClock
 from .adapter import ATTENTION_UNIT, MODULE_UNIT, build_adapter, unit_key
 from .attention import OVERRIDE_KEY, AttentionArgs, AttentionOverride
 from .families import PATCH_NAME, SCOPE_BLOCKS, SCOPE_MODEL
-from .parts import method_parts
+from .parts import check_ready, method_parts
 from .units import UnitModule, run_unit
 
 log = logging.getLogger("ditaccel.comfyui")
@@ -105,6 +105,8 @@ class ComfyEngine:
         self.current_call: CallState | None = None
         # One ComfyUI process samples on one device: decisions need no agreement across ranks.
         self.sync = RankSync(False)
+        for c in spec.configs:
+            check_ready(c)
         self.methods = [apply_function_for(c)(self, c) for c in spec.configs]
         self.block_keys = keys
         self.block_map: dict[tuple[str, int], tuple[SegmentCache, int]] = {}
