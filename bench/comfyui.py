@@ -4,10 +4,11 @@ Everything runs in real ComfyUI code: the tiny random FLUX (or Wan) MODEL is bui
 ComfyUI's loading code, the ditaccel node and ComfyUI's EasyCache / LazyCache nodes
 (comfy_extras.nodes_easycache) are applied to it, and each variant is sampled with ComfyUI's
 KSampler node. Reported per variant: wall time (median of --repeats), speedup over the unpatched
-run, DiT block executions (counted with forward pre-hooks), and PSNR of the final latent against
+run, DiT block executions (counted with forward pre-hooks; a block whose attention and MLP are
+forecast by TaylorSeer's module units still runs its cheap rest, so it is counted), and PSNR of the final latent against
 the unpatched run's latent (peak = the reference latent's max - min).
 
-    .venv/bin/python bench/comfyui.py                    # FLUX, 20 steps
+    .venv/bin/python bench/comfyui.py --threads 1        # FLUX, 20 steps
     .venv/bin/python bench/comfyui.py --model wan --steps 20 --repeats 3
 
 The models are tiny and random: timings are dominated by CPU noise and per-call overhead more
@@ -36,6 +37,7 @@ use_vendored_comfyui()
 from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
 
 from ditaccel.config import resolve_configs  # noqa: E402
+from ditaccel.methods.step_cache import StepCacheConfig  # noqa: E402
 from ditaccel.integrations.comfyui import tiny  # noqa: E402
 from ditaccel.integrations.comfyui.nodes import DitAccelerate  # noqa: E402
 from ditaccel.integrations.comfyui.runtime import accelerate_model, last_stats  # noqa: E402
@@ -88,9 +90,10 @@ def main() -> None:
     handles = [b.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1)) for b in blocks]
 
     variants = {"unpatched": model}
-    for preset in ("quality", "balanced", "fast"):
+    for preset in ("quality", "balanced", "fast"):  # TaylorSeer, module units (ditaccel/presets.py)
         variants[f"ditaccel {preset}"] = DitAccelerate.execute(model, preset=preset).result[0]
     variants["ditaccel fast (model scope)"] = accelerate_model(model, resolve_configs("fast", {}), scope="model")
+    variants["ditaccel StepCache interval 3"] = accelerate_model(model, StepCacheConfig(interval=3, warmup_steps=2))
     variants["EasyCache (ComfyUI, defaults)"] = EasyCacheNode.execute(model, 0.2, 0.15, 0.95, False).result[0]
     variants["EasyCache (ComfyUI, threshold 0.05)"] = EasyCacheNode.execute(model, 0.05, 0.15, 0.95, False).result[0]
     variants["LazyCache (ComfyUI, defaults)"] = LazyCacheNode.execute(model, 0.2, 0.15, 0.95, False).result[0]

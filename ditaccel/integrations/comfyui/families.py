@@ -69,14 +69,19 @@ class ComfyFamily:
 DOUBLE = "double_block"
 SINGLE = "single_block"
 
+# FLUX-style double blocks (FLUX, Chroma, HunyuanVideo): MLPs are children, the attention core a bare
+# call in the block's forward; single blocks (fused MLP) have no units and are forecast whole.
+FLUX_STYLE_GROUPS = (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM, ("img_mlp", "txt_mlp"), True),
+                     ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM))
+
 FAMILIES: dict[str, ComfyFamily] = {
     f.name: f
     for f in (
         ComfyFamily("flux", (("comfy.ldm.flux.model", "Flux"),),
-                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM, ("img_mlp", "txt_mlp"), True), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    FLUX_STYLE_GROUPS,
                     "FLUX.1 / FLUX.2 / Kontext (comfy.ldm.flux)", patch=(2, 2), joint_order=TEXT_FIRST),
         ComfyFamily("chroma", (("comfy.ldm.chroma.model", "Chroma"),),
-                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM, ("img_mlp", "txt_mlp"), True), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    FLUX_STYLE_GROUPS,
                     "Chroma (comfy.ldm.chroma)", patch=(2, 2), joint_order=TEXT_FIRST),
         ComfyFamily("sd3", (("comfy.ldm.modules.diffusionmodules.mmdit", "MMDiT"),),
                     (ComfyBlockGroup(DOUBLE, "joint_blocks", TWO_STREAM),),
@@ -85,7 +90,7 @@ FAMILIES: dict[str, ComfyFamily] = {
                     (ComfyBlockGroup(DOUBLE, "blocks", ONE_STREAM, ("self_attn", "cross_attn", "ffn")),),
                     "Wan 2.1 / 2.2 (t2v, i2v, VACE, camera, S2V, HuMo)", patch=(1, 2, 2)),
         ComfyFamily("hunyuan_video", (("comfy.ldm.hunyuan_video.model", "HunyuanVideo"),),
-                    (ComfyBlockGroup(DOUBLE, "double_blocks", TWO_STREAM, ("img_mlp", "txt_mlp"), True), ComfyBlockGroup(SINGLE, "single_blocks", ONE_STREAM)),
+                    FLUX_STYLE_GROUPS,
                     "HunyuanVideo / HunyuanVideo 1.5 / HunyuanImage 2.1"),
         ComfyFamily("ltxv", (("comfy.ldm.lightricks.model", "LTXVModel"),),
                     (ComfyBlockGroup(DOUBLE, "transformer_blocks", ONE_STREAM, ("attn1", "attn2", "ff")),),

@@ -166,9 +166,10 @@ class ComfyEngine:
                                    "sparse-attention method per model.")
         if self.scope != SCOPE_BLOCKS or self.adapter.token_layout_fn is None:
             supported = "flux, chroma, wan"
+            lacks = "no described token layout" if self.scope == SCOPE_BLOCKS else "no block patches"
             raise ConfigError(
                 f"{method.name} in ComfyUI needs block patches (cache scope 'blocks') and a known token layout; the "
-                f"{self.adapter.family} model in {self.scope} scope has {'no layout' if self.scope == SCOPE_BLOCKS else 'no block patches'}. "
+                f"{self.adapter.family} model in {self.scope} scope has {lacks}. "
                 f"Sparse attention runs in ComfyUI for: {supported}.")
         self.sparse = method
 
