@@ -6,8 +6,9 @@ In ``ComfyUI/custom_nodes/ditaccel_nodes/__init__.py``::
 
 gives the "DiT Accelerate" node (MODEL -> MODEL), one advanced node per method, and the HarmoniCa
 router loader. Everything is attached through ComfyUI's own mechanisms (OUTER_SAMPLE and
-DIFFUSION_MODEL wrappers, ``patches_replace["dit"]`` block patches) on ``model.clone()``; the
-method algorithms are the same objects as on the diffusers path. See docs/comfyui.md.
+DIFFUSION_MODEL wrappers, ``patches_replace["dit"]`` block patches, object patches of block
+children, ``optimized_attention_override``) on ``model.clone()``; the method algorithms are the
+same objects as on the diffusers path. See docs/comfyui.md.
 
 Importing this package does not import ComfyUI; ``comfy_entrypoint`` and the node classes do.
 """

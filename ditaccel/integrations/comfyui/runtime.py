@@ -1,9 +1,11 @@
-"""ComfyUI plumbing for ditaccel's methods: wrappers and block replace patches on a MODEL clone.
+"""ComfyUI plumbing for ditaccel's methods: wrappers, block patches, object patches and the
+attention override on a MODEL clone.
 
 The method objects are the diffusers path's own: ``apply_function_for(config)(engine, config)``
-builds the same ``StepCache`` (schedule, per-branch residuals in ``SegmentCache``) that
-``enable_acceleration`` installs with module hooks. Here nothing is hooked: the ComfyUI side only
-decides *where the segment code runs*:
+builds the same objects (schedules, residual caches, Taylor series, sparse routers) that
+``enable_acceleration`` installs with module hooks. Here nothing is hooked: the engine reads each
+method's parts (:mod:`.parts`) and decides *where their code runs* (module units: :mod:`.units`;
+attention: :mod:`.attention`):
 
 * ``OUTER_SAMPLE`` wrapper: one :class:`ComfyEngine` per sampling run, made from the sigmas the
   sampler was given (fresh state every run: new step count, resolution, batch size);
