@@ -51,6 +51,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="refresh the image-error proxy every K iterations (0: uniform step weights; default 10)")
     p.add_argument("--init-logit", type=float, default=None,
                    help="initial logit of every cell (default logit(threshold) + 1)")
+    p.add_argument("--ste", action="store_true",
+                   help="straight-through estimator: hard compute/skip decisions in the student's forward "
+                        "(as at inference), the sigmoid's gradient backward")
+    p.add_argument("--forecast-order", type=int, default=0,
+                   help="student forecasts skipped groups with a TaylorSeer series of this order, as "
+                        "HarmoniCaConfig(forecast=True) does at inference (0: reuse; needs --ste; default 0)")
+    p.add_argument("--init-schedule", default=None,
+                   help="initial hard schedule: 'auto' (the best fixed step schedule within the target speedup, "
+                        "measured on the search samples), 'interval=3,warmup=3,final=0' or 'steps=0,1,2,4,...'")
+    p.add_argument("--init-margin", type=float, default=1.0,
+                   help="initial logits are logit(threshold) ± this on the init schedule (default 1)")
+    p.add_argument("--project", action="store_true",
+                   help="with --target-speedup: after every step shift the logits so the hard schedule meets the "
+                        "target (projection) instead of adjusting λ")
+    p.add_argument("--search-evals", type=int, default=0,
+                   help="after the iterations, greedy search over hard schedules within the target speedup, "
+                        "at most this many candidate generations scored by final-latent error (default 0: none)")
+    p.add_argument("--search-samples", type=int, default=4,
+                   help="training samples the search and --init-schedule auto measure on (default 4)")
+    p.add_argument("--search-latents", action="store_true",
+                   help="score the search on final latents instead of decoded images")
     p.add_argument("--no-calibrate", action="store_true",
                    help="do not shift the final logits to meet the target speedup exactly")
     p.add_argument("--seed", type=int, default=0, help="seed of the training samples (default 0)")
@@ -153,7 +174,9 @@ def run(args, argv=None) -> int:
         speed_weight=args.speed_weight if args.speed_weight is not None else TrainSettings.speed_weight,
         iterations=args.iterations, batch=args.batch, lr=args.lr, threshold=args.threshold,
         init_logit=args.init_logit, group_size=args.group_size, proxy_every=args.proxy_every,
-        calibrate=not args.no_calibrate, seed=args.seed,
+        calibrate=not args.no_calibrate, seed=args.seed, ste=args.ste, forecast_order=args.forecast_order,
+        init_schedule=args.init_schedule, init_margin=args.init_margin, project=args.project, search_evals=args.search_evals,
+        search_samples=args.search_samples, search_decode=not args.search_latents,
     )
     try:
         settings.validate()
@@ -190,8 +213,13 @@ def run(args, argv=None) -> int:
         "steps": router.steps, "fraction_computed": round(tr["fraction_computed"], 4),
         "flop_speedup": round(tr["flop_speedup"], 3) if tr.get("flop_speedup") else None,
         "final_speed_weight": tr["final_speed_weight"], "final_objective": tr.get("final_objective"),
+        "init": tr.get("init"), "search": tr.get("search"),
     }
     print(json.dumps(summary, indent=1))
+    if settings.ste and settings.forecast_order > 0:
+        print(f"use it with ditaccel.HarmoniCaConfig(router={str(out)!r}, forecast=True, "
+              f"forecast_order={settings.forecast_order}) (it was trained for forecasting on skipped groups)",
+              file=sys.stderr)
     sched = router.schedule()
     print("schedule (rows = steps, # = compute, . = reuse):", file=sys.stderr)
     for t in range(router.steps):

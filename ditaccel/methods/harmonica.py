@@ -7,7 +7,9 @@ back, through :class:`~ditaccel.hooks.segment_cache.SegmentCache`. Step 0 always
 group with nothing cached yet computes. With ``forecast=True`` a skipped group gets the Taylor
 forecast of its residual over the steps where it was computed (TaylorSeer's divided-difference
 series, :class:`~ditaccel.methods.taylor_series.TaylorSeries`, order ``forecast_order``) through
-:class:`~ditaccel.hooks.block_range.ProvidedResidualSegment` instead of the plain reuse.
+:class:`~ditaccel.hooks.block_range.ProvidedResidualSegment` instead of the plain reuse. Routers trained
+with ``train-router --forecast-order k`` are trained for ``forecast=True, forecast_order=k`` (a warning
+says so when they are used without forecasting).
 
 Routers are trained with ``ditaccel train-router`` (:mod:`ditaccel.methods.harmonica_train`):
 Step-Wise Denoising Training on the trajectory the cached model produces, with the
@@ -68,6 +70,13 @@ class HarmoniCa(InstalledMethod):
         self.router = router if router is not None else Router.load(config.router)
         self.router.check_model(adapter, repr(config.router))
         self.threshold = float(config.threshold)
+        trained = (self.router.training or {}).get("settings") or {}
+        trained_order = int(trained.get("forecast_order") or 0) if trained.get("ste") else 0
+        if trained_order > 0 and not config.forecast:
+            self.warn_once("trained_for_forecast",
+                           f"router {config.router!r} was trained with forecasting on skipped groups (order "
+                           f"{trained_order}); use HarmoniCaConfig(forecast=True, forecast_order={trained_order}) "
+                           "for the quality it was trained for (plain reuse here).")
         segments = adapter.segments()
         self.groups = []
         for i, (lo, hi) in enumerate(self.router.groups):
