@@ -89,6 +89,14 @@ def baselines(steps: int) -> list[tuple[str, str, object]]:
     for interval in (2, 3, 4, 5):
         out.append(("TaylorSeer", f"interval={interval} order=1 module",
                     TaylorSeerConfig(interval=interval, order=1, warmup_steps=2)))
+    # schedule variants: no forced final full step, longer warm-up (a wider search for the best fixed schedule)
+    for interval in (2, 3, 4, 5):
+        for warm, final in ((2, 0), (3, 0), (3, 1)):
+            out.append(("TaylorSeer", f"interval={interval} order=1 module warmup={warm} final={final}",
+                        TaylorSeerConfig(interval=interval, order=1, warmup_steps=warm, final_steps=final)))
+    for interval in (3, 4):
+        out.append(("DeltaCache", f"interval={interval} final=0",
+                    DeltaCacheConfig(interval=interval, warmup_steps=2, final_steps=0)))
     for interval in (3, 4):
         out.append(("TaylorSeer", f"interval={interval} order=2 module",
                     TaylorSeerConfig(interval=interval, order=2, warmup_steps=2)))
