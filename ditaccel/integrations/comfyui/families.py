@@ -151,12 +151,7 @@ def blocks_of(dm, group: ComfyBlockGroup) -> list:
     return list(blocks)
 
 
-def forward_reads_block_patches(dm, family: ComfyFamily) -> bool:
-    """Whether the installed ComfyUI's forward of this model looks up ``patches_replace["dit"]`` for
-    every block kind the family uses (read from the source, so a ComfyUI that lacks or adds block
-    patches for a family is followed). Unreadable source: trust the family table."""
-    if not family.groups:
-        return False
+def _class_sources(dm) -> str | None:
     sources = []
     for cls in type(dm).__mro__:
         if cls.__module__.startswith("torch."):
@@ -164,8 +159,26 @@ def forward_reads_block_patches(dm, family: ComfyFamily) -> bool:
         try:
             sources.append(inspect.getsource(cls))
         except (OSError, TypeError):
-            return True
-    text = "\n".join(sources)
+            return None
+    return "\n".join(sources)
+
+
+def runs_diffusion_model_wrappers(dm) -> bool:
+    """Whether the installed ComfyUI's forward of this diffusion model runs the DIFFUSION_MODEL
+    wrappers (most DiTs; not SD3's MMDiT in ComfyUI 0.3.75). Unreadable source: assume it does."""
+    text = _class_sources(dm)
+    return text is None or "WrappersMP.DIFFUSION_MODEL" in text
+
+
+def forward_reads_block_patches(dm, family: ComfyFamily) -> bool:
+    """Whether the installed ComfyUI's forward of this model looks up ``patches_replace["dit"]`` for
+    every block kind the family uses (read from the source, so a ComfyUI that lacks or adds block
+    patches for a family is followed). Unreadable source: trust the family table."""
+    if not family.groups:
+        return False
+    text = _class_sources(dm)
+    if text is None:
+        return True
     if "blocks_replace" not in text and "patches_replace" not in text:
         return False
     return all(f'"{g.kind}"' in text or f"'{g.kind}'" in text for g in family.groups)

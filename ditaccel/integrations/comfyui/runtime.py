@@ -41,7 +41,7 @@ from ...hooks.segment_cache import SegmentCache
 from ...hooks.step_clock import StepClock
 from .adapter import ATTENTION_UNIT, MODULE_UNIT, build_adapter, unit_key
 from .attention import OVERRIDE_KEY, AttentionArgs, AttentionOverride
-from .families import PATCH_NAME, SCOPE_BLOCKS, SCOPE_MODEL
+from .families import PATCH_NAME, SCOPE_BLOCKS, SCOPE_MODEL, runs_diffusion_model_wrappers
 from .parts import check_ready, method_parts
 from .units import UnitModule, run_unit
 
@@ -59,6 +59,9 @@ def current_run() -> "ComfyEngine | None":
     return _CURRENT_RUN.get()
 
 SCOPES = ("auto", SCOPE_BLOCKS, SCOPE_MODEL)
+
+ENTRY_DIFFUSION_MODEL = "diffusion_model"
+ENTRY_APPLY_MODEL = "apply_model"
 
 
 class AccelSpec:
@@ -98,6 +101,9 @@ class ComfyEngine:
         self.spec = spec
         self.adapter, self.scope, keys = build_adapter(model_patcher, spec.scope_request)
         self.model = self.adapter.model
+        # Where a call starts: the DIFFUSION_MODEL wrapper, or APPLY_MODEL for a diffusion model
+        # whose forward does not run DIFFUSION_MODEL wrappers.
+        self.entry = ENTRY_DIFFUSION_MODEL if runs_diffusion_model_wrappers(self.model) else ENTRY_APPLY_MODEL
         self.pipeline = None
         self.latent_channels = spec.latent_channels
         self.sigmas = None if sigmas is None else sigmas.detach().float().reshape(-1).cpu()
@@ -121,6 +127,11 @@ class ComfyEngine:
             parts = method_parts(method)
             self._add_segments(method, parts.segments, owner)
             for probe in parts.probes:
+                if id(probe.block) not in keys:
+                    raise ConfigError(
+                        f"{method.name} with an adaptive schedule (threshold > 0) probes the first block every step, "
+                        f"which needs block patches; the {self.adapter.family} model runs in {self.scope} scope. "
+                        "Use threshold 0 (fixed schedule) or cache scope 'blocks' where the family has block patches.")
                 self.probe_map.setdefault(keys[id(probe.block)], []).append(probe)
             for cache in parts.module_caches:
                 for i, (name, module) in enumerate(cache.modules):
@@ -253,10 +264,13 @@ class ComfyEngine:
     def _run_block(self, kind: str, index: int, args: dict, compute):
         probes = self.probe_map.get((kind, index))
         if probes:
+            # ComfyUI's blocks add their residuals in place (FLUX/HunyuanVideo ``img += ...``): the
+            # input must be copied before the block runs, or the probe sees output - output = 0.
+            h_in = args["img"].clone()
             out = compute(args)
             for probe in probes:
-                if out["img"].shape == args["img"].shape:
-                    probe.on_probe(args["img"], out["img"])
+                if out["img"].shape == h_in.shape:
+                    probe.on_probe(h_in, out["img"])
             return out
         entry = self.block_map.get((kind, index))
         if entry is None:
@@ -267,7 +281,9 @@ class ComfyEngine:
         h = args["img"]
         e = args.get("txt") if two_streams else None
         if position == 0:
-            self._enter(seg, h, e)
+            # The segment keeps its input to take the residual at the last block; ComfyUI's blocks
+            # change their input tensors in place, so it keeps a copy (else the residual is 0).
+            self._enter(seg, h.clone(), None if e is None else e.clone())
             if seg.skipping:
                 h_out, e_out = unpack_output(io, seg.skipped_output(io, h, e))
                 return {"img": h_out, "txt": e_out} if two_streams else {"img": h_out}
@@ -400,24 +416,44 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             engine.finish()
 
 
-def diffusion_model_wrapper(executor, *args, **kwargs):
-    """DIFFUSION_MODEL: step and CFG branch of this call; methods around it; whole-model segment."""
-    to = _find_transformer_options(args, kwargs)
-    engine = to.get(RUN_KEY) if to is not None else None
-    if not isinstance(engine, ComfyEngine) or not args or not isinstance(args[0], torch.Tensor):
-        return executor(*args, **kwargs)
-    x = args[0]
-    context = kwargs.get("context", args[2] if len(args) > 2 else None)
+def _run_call(engine: ComfyEngine, x: torch.Tensor, to: dict, context, compute):
     call = engine.begin_call(x, to, context)
     token = _CURRENT_RUN.set(engine)
     try:
         if engine.scope == SCOPE_MODEL:
-            output = engine.run_model(x, lambda: executor(*args, **kwargs))
+            output = engine.run_model(x, compute)
         else:
-            output = executor(*args, **kwargs)
+            output = compute()
     finally:
         _CURRENT_RUN.reset(token)
     return engine.end_call(call, output)
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL: step and CFG branch of this call; methods around it; whole-model segment."""
+    to = _find_transformer_options(args, kwargs)
+    engine = to.get(RUN_KEY) if to is not None else None
+    if (not isinstance(engine, ComfyEngine) or engine.entry != ENTRY_DIFFUSION_MODEL or not args
+            or not isinstance(args[0], torch.Tensor)):
+        return executor(*args, **kwargs)
+    context = kwargs.get("context", args[2] if len(args) > 2 else None)
+    return _run_call(engine, args[0], to, context, lambda: executor(*args, **kwargs))
+
+
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                        **kwargs):
+    """APPLY_MODEL (``BaseModel.apply_model``): the same as :func:`diffusion_model_wrapper`, for models
+    whose diffusion model does not run DIFFUSION_MODEL wrappers (SD3's MMDiT in ComfyUI 0.3.75). In
+    model scope the cached segment is then the whole apply_model call (latent in, denoised out)."""
+    to = transformer_options if isinstance(transformer_options, dict) else {}
+    engine = to.get(RUN_KEY)
+
+    def compute():
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    if not isinstance(engine, ComfyEngine) or engine.entry != ENTRY_APPLY_MODEL or not isinstance(x, torch.Tensor):
+        return compute()
+    return _run_call(engine, x, to, c_crossattn, compute)
 
 
 class BlockPatch:
@@ -500,6 +536,7 @@ def accelerate_model(model, configs: MethodConfig | Sequence[MethodConfig], scop
     to = patched.model_options.setdefault("transformer_options", {})
     to[SPEC_KEY] = spec
     for wrapper_type, fn in ((pe.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+                             (pe.WrappersMP.APPLY_MODEL, apply_model_wrapper),
                              (pe.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
         patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, fn)

@@ -116,3 +116,93 @@ def ksample(model, positive, negative, latent: torch.Tensor, steps: int, cfg: fl
     (out,) = nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative,
                                       {"samples": latent.clone()}, denoise=1.0)
     return out["samples"]
+
+
+# -- SD3, HunyuanVideo, LTXV (real detection from the keys) and Lumina 2 (explicit config) ------------
+
+
+def _state_dict_for(unet_config: dict, seed: int, std: float) -> dict:
+    """A random state dict in ComfyUI's key format for ``unet_config``: ComfyUI's model matching
+    builds the model class, which is initialised and read back."""
+    import comfy.model_detection
+
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
+    if model_config is None:
+        raise RuntimeError(f"ComfyUI found no model for unet config {unet_config}")
+    net = model_config.get_model({}).diffusion_model
+    _init_(net, seed, std)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, b in net.named_buffers():
+            if name.endswith("pos_embed"):  # MMDiT's position table is a buffer made with torch.empty
+                b.copy_(torch.randn(b.shape, generator=g) * std)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _load_detected(sd: dict, name: str):
+    import comfy.sd
+
+    model = comfy.sd.load_diffusion_model_state_dict(sd)
+    if model is None:
+        raise RuntimeError(f"ComfyUI did not detect the tiny {name} state dict")
+    return model
+
+
+def sd3_unet_config(depth: int = 2, context_dim: int = 64, pooled_dim: int = 32) -> dict:
+    """What ComfyUI's MMDiT detection reads from an SD3 state dict: width 64 * depth, 64-channel heads."""
+    return {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
+            "adm_in_channels": pooled_dim,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": context_dim, "out_features": 64 * depth}},
+            "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+            "x_block_self_attn_layers": []}
+
+
+def tiny_sd3(seed: int = 0, std: float = 0.02, **sizes):
+    """A ComfyUI MODEL (``model_base.SD3``, MMDiT) from ``comfy.sd.load_diffusion_model_state_dict``."""
+    return _load_detected(_state_dict_for(sd3_unet_config(**sizes), seed, std), "SD3")
+
+
+def hunyuan_video_unet_config(depth: int = 2, depth_single: int = 2, context_dim: int = 64) -> dict:
+    """ComfyUI's HunyuanVideo detection fixes 128-channel heads and rotary axes (16, 56, 56)."""
+    return {"image_model": "hunyuan_video", "in_channels": 16, "patch_size": [1, 2, 2], "out_channels": 16,
+            "vec_in_dim": 768, "axes_dim": [16, 56, 56], "meanflow": False, "context_in_dim": context_dim,
+            "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": depth,
+            "depth_single_blocks": depth_single, "theta": 256, "qkv_bias": True, "byt5": False,
+            "guidance_embed": True, "use_cond_type_embedding": False, "vision_in_dim": None}
+
+
+def tiny_hunyuan_video(seed: int = 0, std: float = 0.02, **sizes):
+    return _load_detected(_state_dict_for(hunyuan_video_unet_config(**sizes), seed, std), "HunyuanVideo")
+
+
+def ltxv_unet_config(layers: int = 2, head_dim: int = 4) -> dict:
+    """ComfyUI's LTXV detection: 32 heads of ``attn2.to_k`` rows / 32 channels; 128 latent channels."""
+    return {"image_model": "ltxv", "num_layers": layers, "attention_head_dim": head_dim,
+            "cross_attention_dim": 32 * head_dim}
+
+
+def tiny_ltxv(seed: int = 0, std: float = 0.02, **sizes):
+    return _load_detected(_state_dict_for(ltxv_unet_config(**sizes), seed, std), "LTXV")
+
+
+def lumina2_unet_config(dim: int = 128, layers: int = 2, cap_dim: int = 64) -> dict:
+    """Lumina 2 detection fixes heads and rotary axes only for the real widths (2304, 3840), so the
+    tiny one is matched from an explicit config (ComfyUI's model matching, like FLUX)."""
+    return {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": dim, "cap_feat_dim": cap_dim,
+            "n_layers": layers, "qk_norm": True, "n_heads": 4, "n_kv_heads": 2, "axes_dims": [8, 12, 12],
+            "axes_lens": [300, 64, 64], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}
+
+
+def tiny_lumina2(seed: int = 0, std: float = 0.02, **sizes):
+    cfg = lumina2_unet_config(**sizes)
+    return _patcher_from_config(cfg, _state_dict_for(cfg, seed, std))
+
+
+def text_conditioning(seed: int, dim: int, tokens: int = 16, pooled: int | None = None, **extra):
+    """``[[cross_attn, {pooled_output, ...}]]`` with random text features."""
+    g = torch.Generator().manual_seed(seed)
+    opts = dict(extra)
+    if pooled:
+        opts["pooled_output"] = torch.randn(1, pooled, generator=g)
+    return [[torch.randn(1, tokens, dim, generator=g), opts]]
