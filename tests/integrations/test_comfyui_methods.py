@@ -67,7 +67,13 @@ def test_taylorseer_block_adaptive_and_model_scope(R):
     assert blk["stats"]["methods"]["TaylorSeer"]["block_runs"] == [2, 4]
     assert blk["stats"]["blocks_cached"] > 0 and blk["rel_err"] < 0.02
     ada = f["taylorseer_adaptive"]
-    assert ada["stats"]["methods"]["TaylorSeer"]["steps_cached"] > 0 and ada["rel_err"] < 0.02
+    ts = ada["stats"]["methods"]["TaylorSeer"]
+    assert ada["rel_err"] < 0.02
+    # FLUX's double block adds in place (img += ...): the probe compares with a copy of its input, so
+    # it measures a real forecast error (it read exactly 0.0 when it compared the output with itself,
+    # and then cached every step after warm-up). A step is cached only where the error allowed it.
+    assert ts["probe_error_mean"] > 0
+    assert ts.get("steps_cached", 0) > 0 or ts["probe_error_max"] > 0.05  # threshold of this run
     ms = f["taylorseer_model_scope"]
     assert ms["stats"]["scope"] == "model" and ms["stats"]["blocks_cached"] > 0 and ms["rel_err"] < 0.02
 
