@@ -21,7 +21,8 @@ import comfyui_worker as base  # noqa: E402  (puts ComfyUI on sys.path)
 
 import ditaccel  # noqa: E402
 from ditaccel.integrations.comfyui import tiny  # noqa: E402
-from ditaccel.integrations.comfyui.runtime import SPEC_KEY, accelerate_model, last_stats  # noqa: E402
+from ditaccel.integrations.comfyui.parts import method_parts  # noqa: E402
+from ditaccel.integrations.comfyui.runtime import SPEC_KEY, ComfyEngine, accelerate_model, last_stats  # noqa: E402
 from ditaccel.integrations.comfyui.units import UnitModule  # noqa: E402
 
 rel, run_node = base.rel, base.run_node
@@ -29,6 +30,30 @@ rel, run_node = base.rel, base.run_node
 
 def units_left(model) -> int:
     return sum(isinstance(m, UnitModule) for m in model.model.diffusion_model.modules())
+
+
+class StoredResiduals:
+    """Test instrumentation: the largest |cached residual| of every step-cache segment, read from the
+    run's engine just before it resets its methods at the end of a sampling run."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def __enter__(self):
+        self._finish = ComfyEngine.finish
+        seen = self.values
+
+        def finish(engine):
+            for method in engine.methods:
+                for seg in method_parts(method).segments:
+                    seen.extend(float(st.dh.abs().max()) for st in seg.states.values() if st.dh is not None)
+            return self._finish(engine)
+
+        ComfyEngine.finish = finish
+        return self
+
+    def __exit__(self, *exc):
+        ComfyEngine.finish = self._finish
 
 
 def accelerate(model, preset: str = "balanced"):
@@ -78,6 +103,13 @@ def family(name: str, build) -> dict:
     stats8_again = last_stats(patched)
     fresh8 = tiny.ksample(accelerate(m, "balanced"), pos, neg, lat, steps=8, cfg=2.0)
     base5 = tiny.ksample(m, pos, neg, lat, steps=5, cfg=2.0)
+    # the plain step cache: the residual it adds back on skipped steps must not be zero (ComfyUI's
+    # blocks add in place, so a residual taken against the block's own input tensor is 0)
+    residuals = StoredResiduals()
+    with residuals:
+        step_cache = run_node("DitAccelStepCache", model=m, interval=2, warmup_steps=2, final_steps=1,
+                              cache_scope="auto")
+        acc_sc = tiny.ksample(step_cache, pos, neg, lat, steps=8, cfg=2.0)
     # the adaptive schedule: its probe must measure a real error
     adaptive_config = ditaccel.TaylorSeerConfig(interval=4, threshold=0.05, warmup_steps=2)
     try:
@@ -102,6 +134,9 @@ def family(name: str, build) -> dict:
         "original_has_spec": SPEC_KEY in m.model_options.get("transformer_options", {}),
         "units_loaded": units_loaded,
         "units_after_original": units_after,
+        "step_cache_stats": last_stats(step_cache),
+        "step_cache_rel_err": rel(acc_sc, base8),
+        "step_cache_residual_max": residuals.values,
         "adaptive_error": adaptive_error,
         "adaptive_stats": last_stats(adaptive) if adaptive is not None else None,
         "adaptive_rel_err": rel(acc_ada, base8) if adaptive is not None else None,

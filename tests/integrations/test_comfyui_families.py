@@ -83,6 +83,16 @@ def test_reset_across_runs_with_other_step_counts(R, name):
     assert r["fresh_identical"]  # and the same as a freshly patched MODEL
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_step_cache_adds_back_a_real_residual(R, name):
+    """The residual a skipped segment adds back is taken against a copy of the segment's input:
+    ComfyUI's blocks change their input tensors in place, and against the tensor itself it was 0."""
+    r = R[name]
+    assert r["step_cache_stats"]["segments_skipped"] > 0
+    assert r["step_cache_residual_max"] and min(r["step_cache_residual_max"]) > 0
+    assert r["step_cache_rel_err"] < 0.02
+
+
 @pytest.mark.parametrize("name", ["sd3", "hunyuan_video", "ltxv"])
 def test_adaptive_probe_measures_an_error(R, name):
     """ComfyUI's blocks add their residuals in place; the probe must compare against a copy of the
