@@ -118,7 +118,13 @@ def family(name: str, build) -> dict:
         adaptive, adaptive_error = None, {"type": type(err).__name__, "message": str(err)}
     else:
         acc_ada, adaptive_error = tiny.ksample(adaptive, pos, neg, lat, steps=8, cfg=2.0), None
+    # model scope: the whole call is the cached segment (SD3: the APPLY_MODEL call, see runtime.py)
+    model_scope = run_node("DitAccelStepCache", model=m, interval=2, warmup_steps=2, final_steps=1,
+                           cache_scope="model")
+    acc_model = tiny.ksample(model_scope, pos, neg, lat, steps=8, cfg=2.0)
     return {
+        "model_scope_stats": last_stats(model_scope),
+        "model_scope_rel_err": rel(acc_model, base8),
         "model_base": type(m.model).__name__,
         "diffusion_model": type(m.model.diffusion_model).__name__,
         "stats8": stats8,

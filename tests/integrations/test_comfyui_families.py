@@ -93,6 +93,15 @@ def test_step_cache_adds_back_a_real_residual(R, name):
     assert r["step_cache_rel_err"] < 0.02
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_model_scope(R, name):
+    r = R[name]
+    s = r["model_scope_stats"]
+    assert s["scope"] == "model" and s["transformer_calls"] == 8
+    assert s["segments_skipped"] == 2  # interval 2, warm-up 2, last step computed: steps 3 and 5
+    assert r["model_scope_rel_err"] < 0.02
+
+
 @pytest.mark.parametrize("name", ["sd3", "hunyuan_video", "ltxv"])
 def test_adaptive_probe_measures_an_error(R, name):
     """ComfyUI's blocks add their residuals in place; the probe must compare against a copy of the
