@@ -260,7 +260,8 @@ def families(R: dict) -> None:
     """The family table against the real ComfyUI classes: detection by class and block-patch support."""
     import importlib
 
-    from ditaccel.integrations.comfyui.families import FAMILIES, forward_reads_block_patches
+    from ditaccel.integrations.comfyui.families import (FAMILIES, forward_reads_block_patches,
+                                                         runs_diffusion_model_wrappers)
 
     out = {}
     for fam in FAMILIES.values():
@@ -268,6 +269,7 @@ def families(R: dict) -> None:
         cls = getattr(importlib.import_module(module), name)
         dm = object.__new__(cls)
         out[fam.name] = {"class": f"{module}.{name}", "block_patches": forward_reads_block_patches(dm, fam),
+                           "diffusion_model_wrappers": runs_diffusion_model_wrappers(dm),
                          "has_groups": bool(fam.groups)}
     sd3 = importlib.import_module("comfy.ldm.modules.diffusionmodules.mmdit").OpenAISignatureMMDITWrapper
     out["sd3_wrapper_mro_match"] = any((c.__module__, c.__name__) in FAMILIES["sd3"].classes for c in sd3.__mro__)

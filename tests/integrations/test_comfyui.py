@@ -65,6 +65,8 @@ def test_families_match_real_comfyui_classes(R):
         assert f[name]["block_patches"], name
     assert f["lumina2"]["block_patches"] is False  # no patches_replace in ComfyUI's NextDiT: model scope
     assert f["sd3_wrapper_mro_match"] and f["wan_vace_mro_match"]
+    # SD3's MMDiT runs no DIFFUSION_MODEL wrappers in ComfyUI 0.3.75: calls start in APPLY_MODEL there
+    assert [n for n in f if isinstance(f[n], dict) and not f[n]["diffusion_model_wrappers"]] == ["sd3"]
 
 
 # -- FLUX through KSampler ----------------------------------------------------------------------------
