@@ -239,6 +239,9 @@ def our_methods():
     m["ditaccel TaylorSeer module N=8 O=1"] = ("ours", ours(TaylorSeerConfig(interval=8, order=1)))
     m["ditaccel TaylorSeer module N=6 O=2"] = ("ours", ours(TaylorSeerConfig(interval=6, order=2)))
     m["ditaccel TaylorSeer block N=3 O=1"] = ("ours", ours(TaylorSeerConfig(interval=3, order=1, granularity="block")))
+    for n, o in ((5, 1), (6, 1), (5, 2)):
+        m[f"ditaccel TaylorSeer block N={n} O={o}"] = ("ours", ours(TaylorSeerConfig(interval=n, order=o,
+                                                                                   granularity="block")))
     for th, o in ((0.5, 1), (0.3, 2)):
         m[f"ditaccel TaylorSeer adaptive module O={o} th={th}"] = ("ours", ours(TaylorSeerConfig(
             threshold=th, order=o, warmup_steps=3, max_consecutive_cached=8)))
