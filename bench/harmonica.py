@@ -9,7 +9,8 @@ clock on a shared CPU is reported but not used for the comparison.
 
 Routers are trained beforehand with the CLI, e.g.::
 
-    ditaccel train-router --model flux_tiny --steps 20 --target-speedup 2.0 --out bench/results/router_s2.safetensors
+    ditaccel train-router --model flux_tiny --steps 20 --target-speedup 2.46 --threads 1 \
+        --out bench/results/router_h2.46.safetensors                     # recipe 'search' (forecast=True)
     ditaccel train-router --model flux_tiny --steps 20 --speed-weight 0.1 --out bench/results/router_l0.1.safetensors
 
 then::
@@ -154,6 +155,12 @@ def main(argv=None) -> int:
         tr = router.training
         st = tr.get("settings", {})
         label = (f"target x{st.get('target_speedup')}" if st.get("target_speedup") else f"λ={st.get('speed_weight')}")
+        if st.get("search_evals"):
+            label += " search" + (f"+{tr.get('iterations_done')}it" if tr.get("iterations_done") else "")
+        elif st.get("ste"):
+            label += " STE"
+        else:
+            label += " soft"
         variants = [(label, path)]
         if i == 0 and args.recalibrate:
             total = tr.get("total_flops_per_call")

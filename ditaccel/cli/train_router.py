@@ -1,7 +1,12 @@
 """``ditaccel train-router``: train a HarmoniCa cache router for a pipeline and write it to a file.
 
-    ditaccel train-router --model flux_tiny --steps 20 --target-speedup 2.0 --samples 8 --out router.safetensors
+    ditaccel train-router --model flux_tiny --steps 20 --target-speedup 2.0 --out router.safetensors
 
+Recipes (``--recipe``; every option can still be set on its own): ``search`` (the default with a
+target speedup) trains a router for ``HarmoniCaConfig(forecast=True)``: straight-through estimator,
+forecasting student, init from the best fixed schedule within the target, budget projection, then a
+greedy search over hard schedules scored by the decoded-image error; ``soft`` (the default with
+``--speed-weight``) is the soft-gated SDT + IEPO training with the λ controller.
 ``--model`` is a built-in reference model name (``flux_tiny``; prompts are its classes) or a local
 diffusers pipeline folder with its text encoders (prompts from ``--prompt``). Training is
 deterministic under ``--seed`` (fixed samples, fixed sample order, seeded generators); a checkpoint
@@ -25,6 +30,29 @@ DEFAULT_PROMPTS = [
     "a cozy cabin in a pine forest", "a vintage car parked on a rainy street",
 ]
 TRAIN_CLASSES = 12  # reference models: classes [0, 12) for training, the rest held out
+RECIPES = ("search", "soft")
+RECIPE_DEFAULTS = {
+    "search": {"samples": 12, "iterations": 0, "ste": True, "forecast_order": 1, "init_schedule": "auto",
+               "project": True, "search_evals": 200},
+    "soft": {"samples": 8, "iterations": 40, "ste": False, "forecast_order": 0, "init_schedule": None,
+             "project": False, "search_evals": 0},
+}
+
+
+def resolve_recipe(args) -> str:
+    """Fill the options left unset (None) from the recipe's defaults; returns the recipe."""
+    UsageError = _usage_error()
+    recipe = args.recipe
+    if recipe is None:
+        recipe = "soft" if args.speed_weight is not None else "search"
+    if recipe == "search" and args.speed_weight is not None:
+        raise UsageError("--recipe search needs a target speedup (--target-speedup), not --speed-weight.")
+    for key, value in RECIPE_DEFAULTS[recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.init_schedule in ("none", ""):
+        args.init_schedule = None
+    return recipe
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -41,8 +69,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="transformer FLOP speedup to reach (λ adjusted to hit it; default 2.0)")
     speed.add_argument("--speed-weight", type=float, default=None,
                        help="fixed speed weight λ of the fraction-computed term instead of a target speedup")
-    p.add_argument("--samples", type=int, default=8, help="training samples (prompt, seed pairs; default 8)")
-    p.add_argument("--iterations", type=int, default=40, help="optimisation steps on the router (default 40)")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="'search' (default with a target speedup): straight-through training of a forecasting "
+                        "router from the best fixed schedule, then a search on the image error; 'soft' (default "
+                        "with --speed-weight): soft-gated SDT + IEPO with the λ controller. Options below override.")
+    p.add_argument("--samples", type=int, default=None,
+                   help="training samples (prompt, seed pairs; default 12 for 'search', 8 for 'soft')")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="optimisation steps on the router (default 0 for 'search', 40 for 'soft')")
     p.add_argument("--batch", type=int, default=1, help="samples rolled out per iteration (default 1)")
     p.add_argument("--lr", type=float, default=0.2, help="Adam learning rate of the logits (default 0.2)")
     p.add_argument("--threshold", type=float, default=0.1, help="inference threshold on sigmoid(logits) (0.1)")
@@ -51,23 +85,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="refresh the image-error proxy every K iterations (0: uniform step weights; default 10)")
     p.add_argument("--init-logit", type=float, default=None,
                    help="initial logit of every cell (default logit(threshold) + 1)")
-    p.add_argument("--ste", action="store_true",
+    p.add_argument("--ste", action=argparse.BooleanOptionalAction, default=None,
                    help="straight-through estimator: hard compute/skip decisions in the student's forward "
-                        "(as at inference), the sigmoid's gradient backward")
-    p.add_argument("--forecast-order", type=int, default=0,
+                        "(as at inference), the sigmoid's gradient backward (default on for 'search')")
+    p.add_argument("--forecast-order", type=int, default=None,
                    help="student forecasts skipped groups with a TaylorSeer series of this order, as "
-                        "HarmoniCaConfig(forecast=True) does at inference (0: reuse; needs --ste; default 0)")
+                        "HarmoniCaConfig(forecast=True) does at inference (0: reuse; needs --ste; default 1 for 'search', 0 "
+                        "for 'soft')")
     p.add_argument("--init-schedule", default=None,
                    help="initial hard schedule: 'auto' (the best fixed step schedule within the target speedup, "
-                        "measured on the search samples), 'interval=3,warmup=3,final=0' or 'steps=0,1,2,4,...'")
+                        "measured on the search samples; default for 'search'), 'interval=3,warmup=3,final=0', "
+                        "'steps=0,1,2,4,...' or 'none' (default for 'soft')")
     p.add_argument("--init-margin", type=float, default=1.0,
                    help="initial logits are logit(threshold) ± this on the init schedule (default 1)")
-    p.add_argument("--project", action="store_true",
+    p.add_argument("--project", action=argparse.BooleanOptionalAction, default=None,
                    help="with --target-speedup: after every step shift the logits so the hard schedule meets the "
-                        "target (projection) instead of adjusting λ")
-    p.add_argument("--search-evals", type=int, default=0,
+                        "target (projection) instead of adjusting λ (default on for 'search')")
+    p.add_argument("--search-evals", type=int, default=None,
                    help="after the iterations, greedy search over hard schedules within the target speedup, "
-                        "at most this many candidate generations scored by final-latent error (default 0: none)")
+                        "at most this many candidate generations scored by image error (default 200 for 'search', 0 for "
+                        "'soft')")
     p.add_argument("--search-samples", type=int, default=4,
                    help="training samples the search and --init-schedule auto measure on (default 4)")
     p.add_argument("--search-latents", action="store_true",
@@ -164,6 +201,7 @@ def run(args, argv=None) -> int:
     UsageError = _usage_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    recipe = resolve_recipe(args)
     if args.samples < 1:
         raise UsageError(f"--samples must be >= 1, got {args.samples}.")
     target = args.target_speedup
@@ -194,7 +232,8 @@ def run(args, argv=None) -> int:
             log_file.flush()
 
     print(f"train-router: {desc}; {len(samples)} samples, {settings.iterations} iterations x {settings.batch}, "
-          f"{settings.steps} steps, " + (f"target speedup {target}" if target else f"λ = {settings.speed_weight}"),
+          f"{settings.steps} steps, " + (f"target speedup {target}" if target else f"λ = {settings.speed_weight}")
+          + f", recipe {recipe}",
           file=sys.stderr)
     t0 = time.perf_counter()
     try:

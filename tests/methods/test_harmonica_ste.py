@@ -139,13 +139,37 @@ def test_batched_generation_matches_single(pipe):
         torch.testing.assert_close(x, tr._generate(smp), rtol=1e-4, atol=1e-5)
 
 
+def test_cli_recipes_fill_unset_options_only():
+    import argparse
+
+    from ditaccel.cli.train_router import add_parser, resolve_recipe
+
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers())
+    base = ["train-router", "--model", "m", "--out", "o"]
+    a = ap.parse_args(base)
+    assert resolve_recipe(a) == "search"
+    assert (a.ste, a.forecast_order, a.init_schedule, a.project, a.search_evals, a.iterations, a.samples) == (
+        True, 1, "auto", True, 200, 0, 12)
+    a = ap.parse_args(base + ["--speed-weight", "0.1"])
+    assert resolve_recipe(a) == "soft"
+    assert (a.ste, a.forecast_order, a.init_schedule, a.search_evals, a.iterations) == (False, 0, None, 0, 40)
+    a = ap.parse_args(base + ["--search-evals", "7", "--init-schedule", "none", "--no-project"])
+    resolve_recipe(a)
+    assert (a.search_evals, a.init_schedule, a.project, a.ste) == (7, None, False, True)
+
+
 def test_cli_checks_the_new_options(capsys):
     from ditaccel.cli.main import main
 
-    code = main(["train-router", "--model", "flux_tiny", "--forecast-order", "1", "--out", "x.safetensors",
+    code = main(["train-router", "--model", "flux_tiny", "--no-ste", "--forecast-order", "1", "--out", "x.safetensors",
                  "--no-progress"])
     assert code == 2
     assert "straight-through" in capsys.readouterr().err
+    code = main(["train-router", "--model", "flux_tiny", "--recipe", "search", "--speed-weight", "0.1", "--out",
+                 "x.safetensors", "--no-progress"])
+    assert code == 2
+    assert "needs a target speedup" in capsys.readouterr().err
     code = main(["train-router", "--model", "flux_tiny", "--init-schedule", "every=3", "--out", "x.safetensors",
                  "--no-progress"])
     assert code == 2
