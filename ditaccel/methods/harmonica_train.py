@@ -31,6 +31,15 @@ latents from the reference's: the error in the final image that the router's cac
 alone causes. The weights are normalised to mean 1 over steps ≥ 1 and floored at
 ``proxy_floor`` (a step whose current router barely caches would otherwise get weight ~0 and be
 pushed to cache blindly). Cost: Σ_t (T − t) ≈ T²/2 transformer calls per refresh.
+
+Additions (docs/harmonica.md, "Training"): ``ste`` (straight-through estimator: the student's forward
+is inference's hard schedule, the soft gate's gradient backward), ``forecast_order`` (skipped groups
+get the TaylorSeer forecast of their residual, as ``HarmoniCaConfig(forecast=True)``), ``project``
+(after every step one global logit shift keeps the hard schedule on the target), ``init_schedule``
+(start from a fixed step schedule, or ``"auto"``: the best one within the target, scored on the search
+samples) and ``search_evals`` (a greedy search over hard schedules within the target, scored by the
+decoded-image error of HarmoniCa inference against full compute, from the better of the trained and
+the init schedule).
 """
 
 from __future__ import annotations
