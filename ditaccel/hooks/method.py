@@ -17,8 +17,8 @@ TOKEN_SELECTION = "token selection"
 class InstalledMethod:
     """One method installed on one model by the engine.
 
-    Subclasses fill ``claims`` (checked for conflicts before anything is attached), ``install``,
-    ``remove``, ``reset`` and optionally the per-call callbacks. ``counters`` holds the numbers
+    Subclasses fill ``claims`` (checked for conflicts before anything is attached), ``parts`` (or
+    ``install`` / ``remove`` themselves), ``reset`` and optionally the per-call callbacks. ``counters`` holds the numbers
     ``handle.stats()`` reports: ``computed``, ``cached`` and ``forecast`` module calls, and
     ``nonfinite_fallbacks``.
     """
@@ -37,11 +37,16 @@ class InstalledMethod:
         """(kind, module, module name) pairs this method needs to own exclusively."""
         return []
 
+    def parts(self) -> list:
+        """The pieces (segments, module caches, probes) ``install``/``remove`` attach and detach, in order."""
+        raise NotImplementedError(f"{type(self).__name__} must define parts() or install()/remove()")
+
     def install(self) -> None:
-        raise NotImplementedError
+        self.install_parts(self.parts())
 
     def remove(self) -> None:
-        raise NotImplementedError
+        for part in reversed(self.parts()):
+            part.remove()
 
     def reset(self) -> None:
         """Forget all state (new generation, or new input shapes)."""

@@ -96,18 +96,8 @@ class DeltaCache(InstalledMethod):
             seen[id(self.probe.block)] = (STEP_CACHE, self.probe.block, self.probe.name)
         return list(seen.values())
 
-    def _parts(self):
-        parts = [self.front, self.rear]
-        if self.probe is not None:
-            parts.append(self.probe)
-        return parts
-
-    def install(self) -> None:
-        self.install_parts(self._parts())
-
-    def remove(self) -> None:
-        for part in reversed(self._parts()):
-            part.remove()
+    def parts(self):
+        return [self.front, self.rear] + ([self.probe] if self.probe is not None else [])
 
     def reset(self) -> None:
         self.front.reset()

@@ -111,12 +111,11 @@ class HarmoniCa(InstalledMethod):
     def claims(self):
         return [(STEP_CACHE, block, name) for seg in self.groups for name, block, _ in seg.entries]
 
-    def install(self) -> None:
-        self.install_parts(self.groups)
+    def parts(self):
+        return self.groups
 
     def remove(self) -> None:
-        for seg in reversed(self.groups):
-            seg.remove()
+        super().remove()
         self.series.clear()
 
     def reset(self) -> None:

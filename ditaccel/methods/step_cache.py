@@ -52,12 +52,8 @@ class StepCache(InstalledMethod):
     def claims(self):
         return [(STEP_CACHE, block, name) for seg in self.segments for name, block, _ in seg.entries]
 
-    def install(self) -> None:
-        self.install_parts(self.segments)
-
-    def remove(self) -> None:
-        for seg in self.segments:
-            seg.remove()
+    def parts(self):
+        return self.segments
 
     def reset(self) -> None:
         for seg in self.segments:

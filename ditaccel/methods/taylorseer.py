@@ -97,18 +97,11 @@ class TaylorSeer(InstalledMethod):
             out.append((STEP_CACHE, self.probe.block, self.probe.name))
         return out
 
-    def _parts(self):
-        parts = [self.modules, *self.segments]
-        if self.probe is not None:
-            parts.append(self.probe)
-        return parts
-
-    def install(self) -> None:
-        self.install_parts(self._parts())
+    def parts(self):
+        return [self.modules, *self.segments] + ([self.probe] if self.probe is not None else [])
 
     def remove(self) -> None:
-        for part in reversed(self._parts()):
-            part.remove()
+        super().remove()
         self.series.clear()
 
     def reset(self) -> None:
