@@ -117,6 +117,21 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
+def optimise_with_ema(loss: torch.Tensor, opt, params, model: torch.nn.Module, ema: dict, step: int) -> torch.Tensor:
+    """One clipped AdamW step on ``loss``, then the EMA of ``model``'s weights (decay warms up to
+    0.995).  Returns the pre-clip gradient norm.  Shared by the reference-model trainers."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(0.995, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+    return gn
+
+
 def _random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     h = x.shape[-1]
     i, j = torch.randint(0, h - size + 1, (2,), generator=gen).tolist()
@@ -243,15 +258,7 @@ def train_dit(
             return_dict=False,
         )[0]
         loss = F.mse_loss(pred, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in transformer.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        gn = optimise_with_ema(loss, opt, params, transformer, ema, step)
         (losses_hi if hires else losses).append(loss.item())
         if step % 25 == 0 or step == steps - 1:
             el = time.time() - t0

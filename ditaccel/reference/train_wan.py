@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ditaccel.reference.data import CLASS_NAMES, NUM_CLASSES, make_clips
-from ditaccel.reference.train_flux import _cosine_lr
+from ditaccel.reference.train_flux import _cosine_lr, optimise_with_ema
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "checkpoints" / "wan_tiny"
 
@@ -205,15 +205,7 @@ def main(argv=None):
         pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds_dev[cls.to(dev)],
                   return_dict=False)[0]
         loss = F.mse_loss(pred, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in tr.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        gn = optimise_with_ema(loss, opt, params, tr, ema, step)
         losses.append(loss.item())
         if step % 25 == 0 or step == args.dit_steps - 1:
             el = time.time() - t0
