@@ -121,9 +121,10 @@ def _image_size_for_tokens(pipe, tokens: int, name: str) -> dict[str, int]:
 
 
 def _load_reference(name: str, batch: int, device: str, tokens: int | None = None,
-                    dtype: torch.dtype = torch.float32) -> BenchModel:
+                    dtype: torch.dtype = torch.float32, folder: Path | None = None) -> BenchModel:
+    """Reference model ``name`` from its shipped checkpoint, or from ``folder`` laid out like it."""
     api = _reference_api()
-    pipe, prompts = api.load_reference_pipeline(name, device=device, dtype=dtype)
+    pipe, prompts = api.load_reference_pipeline(name, device=device, dtype=dtype, folder=folder)
     pipe.set_progress_bar_config(disable=True)
     classes = list(getattr(prompts, "class_names", []))[:batch] or [0]
     info = getattr(api, "REFERENCE_MODELS", {}).get(name, {})
@@ -135,14 +136,17 @@ def _load_reference(name: str, batch: int, device: str, tokens: int | None = Non
     def make_call(seed: int) -> dict[str, Any]:
         return {**kw, **size}
 
-    desc = info.get("description", name)
     at = f"; run at {size['height']}x{size['width']} px ({tokens} image tokens)" if tokens is not None else ""
-    return BenchModel(name=name, pipe=pipe, random_weights=False, make_call=make_call,
-                      description=f"trained reference model {name}: {desc}{at}; classes {classes}; {dtype}")
+    if folder is None:
+        desc = f"trained reference model {name}: {info.get('description', name)}"
+    else:
+        desc = f"reference-model folder {folder} ({info.get('pipeline', name)})"
+    return BenchModel(name=name if folder is None else str(folder), pipe=pipe, random_weights=False,
+                      make_call=make_call, description=f"{desc}{at}; classes {classes}; {dtype}")
 
 
-def _load_reference_folder(path: Path, batch: int, device: str) -> BenchModel | None:
-    """A folder laid out like a reference model (model_index.json + prompts.safetensors)."""
+def _reference_name_of_folder(path: Path) -> str | None:
+    """The reference model a folder is laid out like (model_index.json + prompts.safetensors), if any."""
     import json
 
     api = _reference_api()
@@ -150,25 +154,17 @@ def _load_reference_folder(path: Path, batch: int, device: str) -> BenchModel | 
         return None
     pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name")
     names = [n for n, v in getattr(api, "REFERENCE_MODELS", {}).items() if v.get("pipeline") == pipeline_class]
-    if not names:
-        return None
-    name = names[0]
-    pipe, prompts = api.load_reference_pipeline(name, device=device, folder=path)
-    pipe.set_progress_bar_config(disable=True)
-    classes = list(getattr(prompts, "class_names", []))[:batch] or [0]
-    size = {k: v for k, v in api.REFERENCE_MODELS[name].get("default_call", {}).items() if k != "num_inference_steps"}
-    kw = api.reference_call_kwargs(prompts, classes)
-    return BenchModel(name=str(path), pipe=pipe, random_weights=False, make_call=lambda seed: {**kw, **size},
-                      description=f"reference-model folder {path} ({pipeline_class}); classes {classes}")
+    return names[0] if names else None
 
 
-def _load_folder(path: Path, device: str, batch: int = 1) -> BenchModel:
+def _load_folder(path: Path, device: str, batch: int = 1, tokens: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> BenchModel:
     import diffusers
 
     if (path / "model_index.json").is_file():
-        model = _load_reference_folder(path, batch, device)
-        if model is not None:
-            return model
+        name = _reference_name_of_folder(path)
+        if name is not None:
+            return _load_reference(name, batch, device, tokens, dtype, folder=path)
 
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
@@ -177,7 +173,7 @@ def _load_folder(path: Path, device: str, batch: int = 1) -> BenchModel:
             f"--model {path}: could not load a diffusers pipeline from this folder ({type(exc).__name__}: {exc}). "
             "Expected a folder written by pipeline.save_pretrained() with a model_index.json."
         ) from exc
-    pipe.to(device)
+    pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "text_encoder", None) is None and getattr(pipe, "text_encoder_2", None) is None:
         raise UsageError(
@@ -226,7 +222,7 @@ def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", toke
         return _load_reference(spec, batch, device, tokens, dtype)
     path = Path(spec)
     if path.is_dir():
-        return _load_folder(path, device, batch)
+        return _load_folder(path, device, batch, tokens, dtype)
     raise UsageError(
         f"--model {spec!r} is neither a reference model ({reference_names() or 'none installed'}), "
         f"a tiny random model ({['tiny:' + f for f in TINY_BUILDERS]}), nor an existing folder. "
