@@ -12,15 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from ditaccel.attention.block_sparse import build_block_index
-from ditaccel.attention.reference import block_sparse_attention_reference, dense_attention
+from helpers.attention_checks import ATOL, check_against_reference
+from ditaccel.attention.reference import block_sparse_attention_reference
 from ditaccel.kernels.layouts import random_block_mask, random_offsets
 from ditaccel.kernels.triton.block_sparse_attention import block_sparse_attention_triton
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter tests on CPU tensors; with CUDA, test_bsa_cuda.py covers the kernel")
-
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}
-
 
 def _qkv(B, H, Lq, Lk, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -30,23 +28,9 @@ def _qkv(B, H, Lq, Lk, D, dtype, seed=0):
     return q, k, v
 
 
-def _dense_error(q, k, v):
-    """Max abs error of same-dtype dense torch attention against fp64: the bar the kernel must meet."""
-    ref, _ = dense_attention(q.double(), k.double(), v.double())
-    return (F.scaled_dot_product_attention(q, k, v).double() - ref).abs().max().item()
-
-
 def _check(out, lse, ref_out, ref_lse, q, k, v):
-    assert out.dtype == q.dtype and out.shape == q.shape
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    tol = 2 * _dense_error(q, k, v) + ATOL[q.dtype]
-    err = (out.double() - ref_out).abs().max().item()
-    assert err <= tol, f"out error {err:.3g} > {tol:.3g}"
-    empty = torch.isinf(ref_lse)
-    assert torch.equal(torch.isinf(lse) & (lse < 0), empty)
-    assert torch.all(out[empty] == 0)
-    lse_err = (lse.double() - ref_lse)[~empty].abs().max().item()
-    assert lse_err <= 1e-4 + (1e-2 if q.dtype != torch.float32 else 0), f"lse error {lse_err:.3g}"
+    check_against_reference(out, lse, ref_out, ref_lse, q, k, v, ATOL,
+                            lse_atol=1e-4 + (1e-2 if q.dtype != torch.float32 else 0))
 
 
 @pytest.mark.parametrize(
