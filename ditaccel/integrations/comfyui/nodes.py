@@ -9,7 +9,7 @@ from typing import Any
 from comfy_api.latest import ComfyExtension, io
 
 import ditaccel
-from ...config import MethodConfig, apply_function_for, preset_description, preset_names, resolve_configs
+from ...config import MethodConfig, preset_description, preset_names, resolve_configs
 from ...errors import ConfigError
 from .parts import COMFY_READY_METHODS
 from .runtime import SCOPES, accelerate_model
@@ -153,7 +153,8 @@ def make_method_node(config_cls: type[MethodConfig]) -> type[io.ComfyNode]:
 
 
 class DitAccelHarmoniCaLoader(io.ComfyNode):
-    """Loads a HarmoniCa router file and attaches the learned step x block cache router."""
+    """Loads a HarmoniCa router file (from `ditaccel train-router`, for this model's ComfyUI or diffusers
+    class) and attaches the learned step x block cache router through block patches."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -165,7 +166,7 @@ class DitAccelHarmoniCaLoader(io.ComfyNode):
                                   "(trained with `ditaccel train-router`).")]
         inputs += [_widget(s) for name, s in specs.items() if name != "router"]
         return io.Schema(node_id="DitAccelHarmoniCaLoader", display_name="DiT Accel: Load HarmoniCa Router",
-                         category=f"{CATEGORY}/advanced", description=cls.__doc__, is_experimental=True,
+                         category=f"{CATEGORY}/advanced", description=" ".join(cls.__doc__.split()), is_experimental=False,
                          inputs=inputs + [_scope_input()], outputs=[io.Model.Output()])
 
     @classmethod
@@ -181,11 +182,6 @@ class DitAccelHarmoniCaLoader(io.ComfyNode):
         if not os.path.isfile(path):
             raise ConfigError(f"HarmoniCa router file not found: {path!r}.")
         config = config_from_inputs(HarmoniCaConfig, {"router": path, **values})
-        try:
-            apply_function_for(config)
-        except ConfigError as err:
-            raise ConfigError(f"HarmoniCa is not available yet in this version of ditaccel ({ditaccel.__version__}): "
-                              f"{err}") from None
         return io.NodeOutput(accelerate_model(model, [config], scope=cache_scope))
 
 

@@ -30,7 +30,7 @@ from ...hooks.segment_cache import SegmentCache
 
 # Methods whose parts all have a ComfyUI counterpart. Others are refused by name before they are
 # built (their constructors may expect diffusers model facts that a ComfyUI model does not have).
-COMFY_READY_METHODS = ("StepCache", "TaylorSeer", "DeltaCache", "SVG2", "Rettention", "CLEAR")
+COMFY_READY_METHODS = ("StepCache", "TaylorSeer", "DeltaCache", "HarmoniCa", "SVG2", "Rettention", "CLEAR")
 
 
 @dataclass

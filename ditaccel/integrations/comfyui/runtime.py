@@ -2,7 +2,7 @@
 attention override on a MODEL clone.
 
 The method objects are the diffusers path's own: ``apply_function_for(config)(engine, config)``
-builds the same objects (schedules, residual caches, Taylor series, sparse routers) that
+(:mod:`.builders`; HarmoniCa and RAS with ComfyUI's model facts) builds the same objects (schedules, residual caches, Taylor series, sparse routers) that
 ``enable_acceleration`` installs with module hooks. Here nothing is hooked: the engine reads each
 method's parts (:mod:`.parts`) and decides *where their code runs* (module units: :mod:`.units`;
 attention: :mod:`.attention`):
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from ...adapters.base import pack_output, unpack_output
-from ...config import MethodConfig, apply_function_for
+from ...config import MethodConfig
 from ...attention.dispatch import AttentionSite
 from ...errors import CompositionError, ConfigError, describe
 from ...hooks.distributed import RankSync
@@ -40,6 +40,7 @@ from ...hooks.engine import CallState
 from ...hooks.segment_cache import SegmentCache
 from ...hooks.step_clock import StepClock
 from .adapter import ATTENTION_UNIT, MODULE_UNIT, build_adapter, unit_key
+from .builders import build_method
 from .attention import OVERRIDE_KEY, AttentionArgs, AttentionOverride
 from .families import PATCH_NAME, SCOPE_BLOCKS, SCOPE_MODEL, runs_diffusion_model_wrappers
 from .parts import check_ready, method_parts
@@ -115,7 +116,7 @@ class ComfyEngine:
         self.sync = RankSync(False)
         for c in spec.configs:
             check_ready(c)
-        self.methods = [apply_function_for(c)(self, c) for c in spec.configs]
+        self.methods = [build_method(self, c) for c in spec.configs]
         self.block_keys = keys
         self.block_map: dict[tuple[str, int], tuple[SegmentCache, int]] = {}
         self.probe_map: dict[tuple[str, int], list] = {}
