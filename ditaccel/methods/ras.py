@@ -173,9 +173,10 @@ def _refuse_sequence_parallel(model) -> None:
 
 
 class RAS(InstalledMethod):
-    def __init__(self, engine, config: RASConfig):
+    def __init__(self, engine, config: RASConfig, facts=None):
         super().__init__(engine, config)
-        facts = token_facts(engine.adapter.family)
+        # ``facts``: token facts of another model code for the same family (ComfyUI's, for example)
+        facts = facts if facts is not None else token_facts(engine.adapter.family)
         if facts is None:
             raise UnsupportedModelError(
                 f"RAS needs per-family token facts; none for family {engine.adapter.family!r}. "

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 
 from ...attention.sparse_method import SparseAttentionMethod
 from ...errors import ConfigError
-from ...hooks.method import SPARSE_ATTENTION, STEP_CACHE
+from ...hooks.method import SPARSE_ATTENTION, STEP_CACHE, TOKEN_SELECTION
 from ...hooks.module_cache import ModuleCache
 from ...hooks.probe import BlockProbe
 from ...hooks.segment_cache import SegmentCache
 
 # Methods whose parts all have a ComfyUI counterpart. Others are refused by name before they are
 # built (their constructors may expect diffusers model facts that a ComfyUI model does not have).
-COMFY_READY_METHODS = ("StepCache", "TaylorSeer", "DeltaCache", "HarmoniCa", "SVG2", "Rettention", "CLEAR")
+COMFY_READY_METHODS = ("StepCache", "TaylorSeer", "DeltaCache", "HarmoniCa", "SVG2", "Rettention", "CLEAR", "RAS")
 
 
 @dataclass
@@ -39,6 +39,9 @@ class MethodParts:
     module_caches: list[ModuleCache] = field(default_factory=list)
     probes: list[BlockProbe] = field(default_factory=list)
     sparse: SparseAttentionMethod | None = None
+    # a token selection the ComfyUI engine can drive (RAS built by .ras.ComfyRAS): its selector and
+    # K/V router run from the block patches and the attention override
+    token_selection: object | None = None
 
 
 def _values(method):
@@ -76,6 +79,9 @@ def check_ready(config) -> None:
 def method_parts(method) -> MethodParts:
     """The parts of ``method`` the ComfyUI engine can drive; ConfigError for anything else."""
     kinds = {kind for kind, _, _ in method.claims()}
+    if kinds == {TOKEN_SELECTION} and callable(getattr(method, "run_block", None)) \
+            and callable(getattr(method, "attend", None)):
+        return MethodParts(token_selection=method)
     allowed = {STEP_CACHE, SPARSE_ATTENTION}
     if kinds - allowed:
         raise _not_available(method, f"it needs {', '.join(sorted(kinds - allowed))} plumbing that only the "

@@ -39,6 +39,7 @@ from ...hooks.distributed import RankSync
 from ...hooks.engine import CallState
 from ...hooks.segment_cache import SegmentCache
 from ...hooks.step_clock import StepClock
+from ...hooks.token_select import as_kwargs
 from .adapter import ATTENTION_UNIT, MODULE_UNIT, build_adapter, unit_key
 from .builders import build_method
 from .attention import OVERRIDE_KEY, AttentionArgs, AttentionOverride
@@ -116,13 +117,14 @@ class ComfyEngine:
         self.sync = RankSync(False)
         for c in spec.configs:
             check_ready(c)
-        self.methods = [build_method(self, c) for c in spec.configs]
         self.block_keys = keys
+        self.methods = [build_method(self, c) for c in spec.configs]
         self.block_map: dict[tuple[str, int], tuple[SegmentCache, int]] = {}
         self.probe_map: dict[tuple[str, int], list] = {}
         self.unit_map: dict[tuple, tuple] = {}  # unit key -> (ModuleCache, index)
         self.model_segment: SegmentCache | None = None
         self.sparse = None
+        self.token_selection = None  # RAS (ComfyRAS): drives the block patches and the attention override
         owner: dict[int, str] = {}
         for method in self.methods:
             parts = method_parts(method)
@@ -139,6 +141,8 @@ class ComfyEngine:
                     self.unit_map[self.adapter.unit_keys[id(module)]] = (cache, i)
             if parts.sparse is not None:
                 self._add_sparse(parts.sparse)
+            if parts.token_selection is not None:
+                self.token_selection = parts.token_selection
         self.current_block: tuple[str, int] | None = None
         self._attention_calls: dict[tuple[str, int], int] = {}
         self._sites: dict[tuple, AttentionSite] = {}
@@ -190,7 +194,8 @@ class ComfyEngine:
     # -- what accelerate_model attaches --------------------------------------------------------------
     @property
     def needs_attention_override(self) -> bool:
-        return self.sparse is not None or any(k[0] == ATTENTION_UNIT for k in self.unit_map)
+        return (self.sparse is not None or self.token_selection is not None
+                or any(k[0] == ATTENTION_UNIT for k in self.unit_map))
 
     def object_patch_paths(self) -> dict[str, tuple]:
         """``diffusion_model.<blocks>.<i>.<child>`` -> unit key, for every module unit."""
@@ -212,7 +217,10 @@ class ComfyEngine:
         idx = int((schedule >= value - tol).sum().item()) - 1
         return min(max(idx, 0), self.total_steps - 1)
 
-    def begin_call(self, x: torch.Tensor, transformer_options: dict, context=None) -> CallState:
+    def begin_call(self, x: torch.Tensor, transformer_options: dict, context=None,
+                   named: dict | None = None) -> CallState:
+        """``named``: the diffusion model's call arguments by name (methods read e.g. ``ref_latents``,
+        ``control`` from them); ``context`` alone where they are not known."""
         sigma = transformer_options.get("sigmas")
         step = self.step_of(sigma)
         self.clock.set_step(step, self.total_steps)
@@ -224,7 +232,9 @@ class ComfyEngine:
         if info.reset:
             for method in self.methods:
                 method.reset()
-        call = CallState(info=info, args=(x,), kwargs={"context": context})
+        kwargs = {k: v for k, v in (named or {}).items() if k not in ("x", "transformer_options")}
+        kwargs.setdefault("context", context)
+        call = CallState(info=info, args=(x,), kwargs=kwargs)
         self.current_call = call
         self.totals["transformer_calls"] += 1
         if step not in self._steps_seen:
@@ -263,6 +273,8 @@ class ComfyEngine:
             self.current_block = outer
 
     def _run_block(self, kind: str, index: int, args: dict, compute):
+        if self.token_selection is not None:  # RAS runs alone (see .ras.build_ras)
+            return self.token_selection.run_block(kind, index, args, compute)
         probes = self.probe_map.get((kind, index))
         if probes:
             # ComfyUI's blocks add their residuals in place (FLUX/HunyuanVideo ``img += ...``): the
@@ -317,6 +329,9 @@ class ComfyEngine:
         self._attention_calls[block] = n + 1
 
         def compute():
+            if self.token_selection is not None:
+                out = self.token_selection.attend(self._site(block, n), a)
+                return dense() if out is None else out
             if self.sparse is None:
                 return dense()
             out = self.sparse.attend(self._site(block, n), a.to_bhld(a.q), a.to_bhld(a.k), a.to_bhld(a.v), a.mask,
@@ -417,8 +432,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             engine.finish()
 
 
-def _run_call(engine: ComfyEngine, x: torch.Tensor, to: dict, context, compute):
-    call = engine.begin_call(x, to, context)
+def _run_call(engine: ComfyEngine, x: torch.Tensor, to: dict, context, compute, named: dict | None = None):
+    call = engine.begin_call(x, to, context, named)
     token = _CURRENT_RUN.set(engine)
     try:
         if engine.scope == SCOPE_MODEL:
@@ -438,7 +453,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             or not isinstance(args[0], torch.Tensor)):
         return executor(*args, **kwargs)
     context = kwargs.get("context", args[2] if len(args) > 2 else None)
-    return _run_call(engine, args[0], to, context, lambda: executor(*args, **kwargs))
+    named = as_kwargs(engine.model, args, kwargs) if engine.token_selection is not None else None
+    return _run_call(engine, args[0], to, context, lambda: executor(*args, **kwargs), named)
 
 
 def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
