@@ -147,7 +147,6 @@ def flux_sparse(R: dict) -> None:
 def errors(R: dict) -> None:
     m = tiny.tiny_flux(seed=0)
     R["errors_ui"] = {
-        "ras": error_of(lambda: run_method_node("DitAccelRAS", m)),
         "two_sparse": error_of(lambda: accelerate_model(m, [ditaccel.CLEARConfig(), ditaccel.SVG2Config()])),
         "two_caches": error_of(lambda: accelerate_model(m, [ditaccel.StepCacheConfig(), ditaccel.TaylorSeerConfig()])),
         "sparse_model_scope": error_of(lambda: run_method_node("DitAccelCLEAR", m, cache_scope="model")),

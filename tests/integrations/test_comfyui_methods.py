@@ -132,12 +132,11 @@ def test_wan_svg2(R):
     assert w["svg2_rel_err"] < 0.01
 
 
-# -- clear errors for what ComfyUI cannot run ----------------------------------------------------------
+# -- clear errors for what ComfyUI cannot run (RAS, HarmoniCa: test_comfyui_ras_harmonica.py) --------------
 
 
 def test_unsupported_combinations_have_clear_errors(R):
     e = R["errors_ui"]
-    assert e["ras"]["raised"] and "not available in ComfyUI yet" in e["ras"]["message"]
     assert e["two_sparse"]["type"] == "CompositionError"
     assert e["two_caches"]["type"] == "CompositionError"
     assert e["sparse_model_scope"]["type"] == "ConfigError" and "block patches" in e["sparse_model_scope"]["message"]
