@@ -11,10 +11,11 @@ from the method object (its attributes, and lists of them) and driven by the Com
   the blocks' children and the attention override for attention cores;
 * :class:`~ditaccel.hooks.probe.BlockProbe` (adaptive schedules) -> the block patch of its block;
 * a :class:`~ditaccel.attention.sparse_method.SparseAttentionMethod` itself -> the attention
-  override (``optimized_attention_override`` in transformer_options).
+  override (``optimized_attention_override`` in transformer_options);
+* a token selection with ComfyUI drivers (RAS built as :class:`.ras.ComfyRAS`: its token selector
+  and K/V router) -> the block patches of its regions and the attention override.
 
-A method with any other part (RAS's token selection and K/V caches, for example) is refused with an
-error that says so, before anything is attached.
+A method with any other part is refused with an error that says so, before anything is attached.
 """
 
 from __future__ import annotations
@@ -59,17 +60,15 @@ def _is_part(obj) -> bool:
 def _not_available(method, why: str) -> ConfigError:
     return ConfigError(
         f"{method.name} is not available in ComfyUI yet: {why}. In ComfyUI use the step caches (DiT Accelerate "
-        "presets, or the StepCache, TaylorSeer and DeltaCache nodes) and the sparse attentions (SVG2, Rettention, "
-        "CLEAR nodes)."
+        "presets, or the StepCache, TaylorSeer, DeltaCache and HarmoniCa nodes), RAS, and the sparse attentions "
+        "(SVG2, Rettention, CLEAR nodes)."
     )
 
 
 def check_ready(config) -> None:
     """ConfigError, before anything is built, for a method that has no ComfyUI plumbing yet."""
     if config.method_name not in COMFY_READY_METHODS:
-        why = {"RAS": "its token selection and cached K/V need per-token hooks inside the attention modules, "
-                      "not written for ComfyUI's model code yet",
-               "HarmoniCa": "its router has no ComfyUI plumbing yet"}.get(config.method_name, "no ComfyUI plumbing")
+        why = "no ComfyUI plumbing"
         raise ConfigError(
             f"{config.method_name} is not available in ComfyUI yet: {why}. In ComfyUI use "
             f"{', '.join(COMFY_READY_METHODS)} (DiT Accelerate presets are TaylorSeer)."
