@@ -163,7 +163,7 @@ def bench_svg2_breakdown(args):
     from ditaccel.attention.kmeans import cluster_permutation, kmeans
     from ditaccel.attention.sparse_method import permute_tokens, run_block_sparse, unpermute_tokens
     from ditaccel.kernels.cuda import load_extension, permute_rows
-    from ditaccel.methods.svg2 import SVG2State, select_key_clusters, split_query_blocks, svg2_attention
+    from ditaccel.methods.svg2 import SVG2State, select_key_clusters, svg2_attention, svg2_block_layout
 
     rows = []
     B, H, D, dtype = 1, args.heads, 128, torch.bfloat16
@@ -192,18 +192,16 @@ def bench_svg2_breakdown(args):
             t["permute_cuda_ext"] = _cuda_time(lambda: (permute_rows([q], pq), permute_rows([k, v], pk),
                                                         permute_rows([q], pq, inverse=True)), args.repeats)
 
-        def index():
+        def index():  # exactly what svg2_attention does between k-means/permutation and the kernel
             order, count = select_key_clusters(cq, ck, ks, scale, top_p, 0.1 * L)
-            p_off, p_cluster = split_query_blocks(q_off, block)
-            P = p_cluster.shape[1]
-            return (torch.gather(count, 1, p_cluster).reshape(B, H, P).to(torch.int32),
-                    torch.gather(order, 1, p_cluster.unsqueeze(-1).expand(G, P, Ck)).reshape(B, H, P, Ck)
-                    .to(torch.int32), p_off.reshape(B, H, P + 1).to(torch.int32))
+            lay = svg2_block_layout(order, count, q_off, k_off, L, block)
+            P = lay[0].shape[1]
+            return (lay[0].reshape(B, H, P), lay[1].reshape(B, H, P, Ck), lay[2].reshape(B, H, P + 1),
+                    lay[3].reshape(B, H, Ck + 1))
 
         t["index_build"] = _cuda_time(index, args.repeats)
-        kv_count, kv_index, p_off = index()
+        kv_count, kv_index, p_off, k_off32 = index()
         qp, kp, vp = permute_tokens(q, pq), permute_tokens(k, pk), permute_tokens(v, pk)
-        k_off32 = k_off.reshape(B, H, Ck + 1).to(torch.int32)
         t["attention_sparse"] = _cuda_time(lambda: run_block_sparse(qp, kp, vp, kv_count, kv_index, p_off, k_off32,
                                                                     scale=scale, max_q_block_size=block),
                                            args.repeats)

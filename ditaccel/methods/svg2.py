@@ -72,42 +72,54 @@ def select_key_clusters(cq, ck, k_sizes, scale: float, top_p: float, min_tokens:
     clusters are never kept; the kept clusters are the shortest prefix of ``order`` whose mass
     share reaches ``top_p`` and whose token count reaches ``min_tokens`` (all of them at top_p=1).
     """
-    logits = torch.matmul(cq, ck.transpose(1, 2)) * scale  # (G, Cq, Ck)
-    sizes = k_sizes.to(logits.dtype).unsqueeze(1)
-    nonempty = (k_sizes > 0).unsqueeze(1).expand_as(logits)
-    logw = torch.where(nonempty, logits + sizes.clamp(min=1).log(), torch.full_like(logits, float("-inf")))
-    mass = torch.softmax(logw, dim=-1)
-    key = torch.where(nonempty, mass, torch.full_like(mass, -1.0))  # empty clusters sort last
-    order = torch.argsort(key, dim=-1, descending=True, stable=True)
-    m_sorted = torch.gather(mass, -1, order)
-    t_sorted = torch.gather(sizes.expand_as(logits), -1, order)
-    ne_sorted = torch.gather(nonempty, -1, order)
-    mass_before = m_sorted.cumsum(-1) - m_sorted
-    tok_before = t_sorted.cumsum(-1) - t_sorted
+    # Few, large torch ops (no host sync): on a GPU this glue is bound by kernel launches, and it is
+    # the "index build" of the issue's <= 5 %-of-attention budget.
+    sizes = k_sizes.to(cq.dtype)
+    # mass ∝ |cluster| · exp(c_q · c_k · scale); log(0) = -inf gives empty clusters mass 0.
+    logw = torch.baddbmm(sizes.log().unsqueeze(1), cq, ck.transpose(1, 2), alpha=scale)
+    mass = torch.softmax(logw, dim=-1).masked_fill_((k_sizes == 0).unsqueeze(1), -1.0)  # empty: sort last
+    m_sorted, order = torch.sort(mass, dim=-1, descending=True, stable=True)
     if top_p >= 1.0:
-        keep = ne_sorted
-    else:
-        keep = ((mass_before < top_p) | (tok_before < min_tokens)) & ne_sorted
+        return order, (k_sizes > 0).sum(-1, keepdim=True).expand(order.shape[:2])
+    t_sorted = torch.gather(sizes.unsqueeze(1).expand_as(mass), -1, order)
+    mass_before = m_sorted.cumsum(-1).sub_(m_sorted)
+    tok_before = t_sorted.cumsum(-1).sub_(t_sorted)
+    keep = (mass_before < top_p).logical_or_(tok_before < min_tokens).logical_and_(m_sorted >= 0)
     return order, keep.sum(-1)
 
 
-def split_query_blocks(offsets: torch.Tensor, block: int):
+def split_query_blocks(offsets: torch.Tensor, block: int, n_tokens: int | None = None):
     """Split clusters (G, C + 1 offsets) into pieces of at most ``block`` tokens.
 
-    Returns (piece offsets (G, P + 1), piece -> cluster id (G, P)); groups with fewer pieces are
-    padded with empty pieces at the end (offset = N)."""
-    sizes = offsets[:, 1:] - offsets[:, :-1]
-    pieces = (sizes + block - 1) // block
+    Returns (piece offsets (G, P + 1), piece -> cluster id (G, P)). P = C + ceil(N / block) bounds
+    the number of pieces (N = ``n_tokens``, the clustered length; read from the offsets, a device
+    sync, when not given); groups with fewer pieces are padded with empty pieces at the end
+    (offset = N)."""
+    G, C = offsets.shape[0], offsets.shape[1] - 1
+    if n_tokens is None:
+        n_tokens = int(offsets[:, -1].max())
+    last = offsets[:, -1:]
+    pieces = (offsets.diff(dim=1) + (block - 1)).div_(block, rounding_mode="floor")
     cum = pieces.cumsum(1)
-    total = cum[:, -1]
-    P = max(1, int(total.max()))
-    j = torch.arange(P, device=offsets.device).expand(offsets.shape[0], P).contiguous()
-    cluster = torch.searchsorted(cum, j, right=True).clamp_(max=sizes.shape[1] - 1)
-    within = j - torch.gather(cum - pieces, 1, cluster)
-    start = torch.gather(offsets[:, :-1], 1, cluster) + within * block
-    n = offsets[:, -1:]
-    start = torch.where(j < total.unsqueeze(1), start, n)
-    return torch.cat([start, n], dim=1), cluster
+    P = C + -(-n_tokens // block)
+    j = torch.arange(P, device=offsets.device).expand(G, P)
+    cluster = torch.searchsorted(cum, j.contiguous(), right=True).clamp_(max=C - 1)
+    # piece j is piece (j - pieces before its cluster) of its cluster
+    start = torch.gather(offsets[:, :-1] - (cum - pieces) * block, 1, cluster).add_(j * block)
+    start = torch.where(j < cum[:, -1:], start, last)
+    return torch.cat([start, last], dim=1), cluster
+
+
+def svg2_block_layout(order, count, q_offsets, k_offsets, n_tokens: int, block: int):
+    """The kernel's layout from a key-cluster selection (``select_key_clusters``): (kv_count (G, P),
+    kv_index (G, P, Ck), query piece offsets (G, P + 1), key cluster offsets (G, Ck + 1)), int32,
+    with the query clusters split into pieces of at most ``block`` tokens. ``n_tokens`` is the
+    clustered length N, so nothing is read back to the host."""
+    p_off, p_cluster = split_query_blocks(q_offsets, block, n_tokens)
+    P, Ck = p_cluster.shape[1], order.shape[2]
+    kv_index = torch.gather(order.to(torch.int32), 1, p_cluster.unsqueeze(-1).expand(-1, P, Ck))
+    kv_count = torch.gather(count, 1, p_cluster).to(torch.int32)
+    return kv_count, kv_index, p_off.to(torch.int32), k_offsets.to(torch.int32)
 
 
 @dataclass
@@ -150,14 +162,12 @@ def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top
     T = 0 if k_txt is None else k_txt.shape[2]
     density = float(((q_sizes * kept_tok).sum() + G * N * T) / (G * N * (N + T)))
 
-    p_off, p_cluster = split_query_blocks(q_off, block_size)
-    P = p_cluster.shape[1]
-    kv_index = torch.gather(order, 1, p_cluster.unsqueeze(-1).expand(G, P, Ck))
-    kv_count = torch.gather(count, 1, p_cluster)
     perm_q = q_perm.reshape(B, H, N)
     perm_k = k_perm.reshape(B, H, N)
-    layout = (kv_count.reshape(B, H, P).to(torch.int32), kv_index.reshape(B, H, P, Ck).to(torch.int32),
-              p_off.reshape(B, H, P + 1).to(torch.int32), k_off.reshape(B, H, Ck + 1).to(torch.int32))
+    kv_count, kv_index, p_off, k_off = svg2_block_layout(order, count, q_off, k_off, N, block_size)
+    P = kv_count.shape[1]
+    layout = (kv_count.reshape(B, H, P), kv_index.reshape(B, H, P, Ck), p_off.reshape(B, H, P + 1),
+              k_off.reshape(B, H, Ck + 1))
     if not q.is_cuda:
         # CPU gather path: reads q/k/v through the permutations, returns out/lse in token order
         out, lse = block_sparse_attention_torch(q, k, v, *layout, scale=scale, q_perm=perm_q, k_perm=perm_k)

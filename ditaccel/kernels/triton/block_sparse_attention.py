@@ -89,12 +89,14 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, n0, k_end, skn, skd, svn, svd
         s = tl.dot(q, kt, input_precision="ieee")
     else:
         s = tl.dot(q, kt)
-    s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    # The scale is folded into the row max and into one FMA before exp2 (qk_scale > 0, so
+    # max(s) * c = max(s * c)), as in the Triton fused-attention tutorial.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # A row that has seen no valid column yet has m_new = -inf; subtract 0 so exp2 gives 0, not nan.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE_DOT:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
