@@ -392,6 +392,11 @@ class ComfyEngine:
                f"{stats['transformer_calls']} model calls; {stats['segments_skipped']} of "
                f"{stats['segments_skipped'] + stats['segments_computed']} cached segments reused "
                f"({100 * stats['block_skip_fraction']:.0f}% of block calls skipped).")
+        ras = stats["methods"].get("RAS")
+        if ras is not None:
+            tokens = ras.get("tokens_computed", 0) + ras.get("tokens_reused", 0)
+            msg += (f" RAS: {ras.get('sparse_calls', 0)} sparse calls, "
+                    f"{100 * ras.get('tokens_reused', 0) / max(tokens, 1):.0f}% of their image tokens reused.")
         (log.info if self.spec.verbose else log.debug)(msg)
         return stats
 
