@@ -142,7 +142,8 @@ def harmonica(R: dict) -> None:
     wlat = torch.zeros(1, 16, 3, 8, 8)
     wbase = tiny.ksample(w, wpos, wneg, wlat, steps=6, cfg=3.0)
     nw = len(w.model.diffusion_model.blocks)
-    wpath = save_router("wan", router_schedule(6, nw), "wan", "WanTransformer3DModel", nw, [(i, i + 1) for i in range(nw)])
+    wpath = save_router("wan", router_schedule(6, nw), "wan", "WanTransformer3DModel", nw,
+                        [(i, i + 1) for i in range(nw)])
     wp = accelerate_model(w, ditaccel.HarmoniCaConfig(router=wpath))
     wacc = tiny.ksample(wp, wpos, wneg, wlat, steps=6, cfg=3.0)
     wafter = tiny.ksample(w, wpos, wneg, wlat, steps=6, cfg=3.0)
@@ -173,14 +174,23 @@ class TokenCounter:
             h.remove()
 
 
-def flux_exactness(m) -> dict:
+def exactness(m, family: str) -> dict:
     """A sparse call on the same input as the recorded full call: RAS's output must be the full output
-    (the K/V of inactive tokens come from the cache); without the cached K/V it must not be."""
+    (the K/V of inactive tokens come from the cache); without the cached K/V it must not be.
+    Wan is called with one timestep per latent frame (Wan 2.2 style): its per-frame modulation is
+    spread over the tokens and gathered with them."""
     dm = m.model.diffusion_model
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 16, 16, 16, generator=g)
-    ctx, y = torch.randn(1, 16, 64, generator=g), torch.randn(1, 32, generator=g)
-    t, guidance = torch.tensor([0.7]), torch.tensor([3.5])
+    if family == "flux":
+        x = torch.randn(1, 16, 16, 16, generator=g)
+        ctx, y = torch.randn(1, 16, 64, generator=g), torch.randn(1, 32, generator=g)
+        t = torch.tensor([0.7])
+        extra = {"y": y, "guidance": torch.tensor([3.5])}
+    else:
+        x = torch.randn(1, 16, 2, 16, 16, generator=g)
+        ctx = torch.randn(1, 16, 4096, generator=g)
+        t = torch.tensor([[0.2, 0.7]])  # per frame
+        extra = {}
     out = {}
     for drop_kv in (False, True):
         patched = accelerate_model(m, ditaccel.RASConfig(active_fraction=0.5, warmup_steps=1, reset_steps=()))
@@ -191,20 +201,20 @@ def flux_exactness(m) -> dict:
         results = []
         for sigma in (1.0, 0.6):  # step 0 (full, recorded), step 1 (sparse)
             to["sigmas"] = torch.tensor([sigma])
-            named = {"x": x, "timestep": t, "context": ctx, "y": y, "guidance": guidance}
+            named = {"x": x, "timestep": t, "context": ctx, **extra}
             call = engine.begin_call(x, to, ctx, named)
             if drop_kv and sigma < 1.0:
                 engine.token_selection.router.caches.clear()
             token = _CURRENT_RUN.set(engine)
             try:
                 with torch.no_grad():
-                    res = dm(x, t, ctx, y=y, guidance=guidance, transformer_options=to)
+                    res = dm(x, t, ctx, transformer_options=to, **extra)
             finally:
                 _CURRENT_RUN.reset(token)
             results.append(engine.end_call(call, res))
         ras = engine.stats()["methods"]["RAS"]
         with torch.no_grad():
-            plain = dm(x, t, ctx, y=y, guidance=guidance, transformer_options={})
+            plain = dm(x, t, ctx, transformer_options={}, **extra)
         out["without_kv" if drop_kv else "with_kv"] = {
             "rel_full_vs_plain": rel(results[0], plain), "rel_sparse_vs_full": rel(results[1], results[0]),
             "sparse_calls": ras["sparse_calls"], "missing_kv_cache": ras.get("missing_kv_cache", 0),
@@ -248,7 +258,7 @@ def ras(R: dict) -> None:
                                                                             "cache_scope": "model"})),
         "sd3": error_of(lambda: accelerate_model(tiny.tiny_sd3(seed=0), ditaccel.RASConfig())),
     }
-    exact = flux_exactness(m)
+    exact = exactness(m, "flux")
     after = tiny.ksample(m, pos, neg, lat, steps=10, cfg=2.0)
     tokens.close()
     R["ras"] = {
@@ -275,7 +285,8 @@ def ras(R: dict) -> None:
     wafter = tiny.ksample(w, wpos, wneg, wlat, steps=8, cfg=3.0)
     wtokens.close()
     R["ras_wan"] = {"rel_err": rel(wacc, wbase), "rel_err_base6": rel(wbase6, wbase), "stats": last_stats(wp),
-                    "tokens_seen": wseen, "original_identical_after": bool(torch.equal(wafter, wbase))}
+                    "tokens_seen": wseen, "original_identical_after": bool(torch.equal(wafter, wbase)),
+                    "exact": exactness(w, "wan")}
 
 
 def main(out_path: str, parts: list[str]) -> None:

@@ -9,7 +9,7 @@ Tolerances: the models are tiny and random, so there is no image to judge. Harmo
 of the block work must stay within 2% relative L2 of the full run and closer to it than running
 fewer steps (6 instead of 8). RAS computing half of the image tokens on sparse steps must stay
 within 2% of the full run (observed: 0.45% FLUX, 0.5% Wan); a sparse call on the same input as the
-recorded full call must give the full call's output to 1e-5 (and must not without the cached K/V,
+recorded full call must give the full call's output to 1e-6 (and must not without the cached K/V,
 which shows the check can fail). Where nothing may change (active_fraction 1.0, the original
 MODEL afterwards), outputs must be bit-identical.
 """
@@ -120,11 +120,12 @@ def test_ras_close_to_unpatched(R):
     assert r["odd_identical"]  # a latent ComfyUI pads to the patch size runs without RAS
 
 
-def test_ras_sparse_call_equals_full_call_on_same_input(R):
-    e = R["ras"]["exact"]
+@pytest.mark.parametrize("part", ["ras", "ras_wan"])
+def test_ras_sparse_call_equals_full_call_on_same_input(R, part):
+    e = R[part]["exact"]  # ras_wan: one timestep per frame, so the modulation is spread and gathered too
     assert e["with_kv"]["rel_full_vs_plain"] == 0.0  # the recording call is the plain model
     assert e["with_kv"]["sparse_calls"] == 1 and e["with_kv"]["missing_kv_cache"] == 0
-    assert e["with_kv"]["rel_sparse_vs_full"] < 1e-5
+    assert e["with_kv"]["rel_sparse_vs_full"] < 1e-6  # seen: 5e-8 FLUX, 6e-8 Wan (1.8e-5 with vec not spread)
     # the same check without the cached keys/values of the inactive tokens fails
     assert e["without_kv"]["missing_kv_cache"] > 0 and e["without_kv"]["rel_sparse_vs_full"] > 1e-4
 

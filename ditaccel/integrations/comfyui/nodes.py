@@ -166,7 +166,8 @@ class DitAccelHarmoniCaLoader(io.ComfyNode):
                                   "(trained with `ditaccel train-router`).")]
         inputs += [_widget(s) for name, s in specs.items() if name != "router"]
         return io.Schema(node_id="DitAccelHarmoniCaLoader", display_name="DiT Accel: Load HarmoniCa Router",
-                         category=f"{CATEGORY}/advanced", description=" ".join(cls.__doc__.split()), is_experimental=False,
+                         category=f"{CATEGORY}/advanced", description=" ".join(cls.__doc__.split()),
+                         is_experimental=False,
                          inputs=inputs + [_scope_input()], outputs=[io.Model.Output()])
 
     @classmethod

@@ -26,7 +26,8 @@ comfy.ldm.wan.model.WanModel.forward_orig):
   are gathered at its first block and scattered back at its last, so the concatenation, the final
   layer and the unpatchify see the full grid.
 * Wan (t2v / i2v ``WanModel`` only): one region over ``blocks``; ``pe`` (1, N, 1, D/2, 2, 2) over the
-  image tokens, per-token modulation ``vec`` (Wan 2.2: (B, N, 6, C)) gathered too; the text (and
+  image tokens; a per-frame or per-token modulation ``vec`` (Wan 2.2: (B, T, 6, C), spread over the
+  tokens by ComfyUI's ``repeat_e``) is spread the same way and gathered too; the text (and
   CLIP image) context enters by cross-attention (the block's 2nd/3rd attention calls), which runs
   unchanged. The VACE, camera, S2V and HuMo variants add per-token inputs between blocks, which
   need the full grid: refused.
@@ -185,13 +186,8 @@ class ComfyRAS(RAS):
         if region.sparse:
             named = sel.gather_block_args(region, args, first)
             vec = args.get("vec")
-            # Wan 2.2 per-token modulation (B, N, 6, C); (B, 1, 6, C) broadcasts and stays
-            if (self.facts is WAN_FACTS and isinstance(vec, torch.Tensor) and vec.ndim == 4
-                    and vec.shape[1] == region.image_tokens and vec.shape[1] > 1):
-                key = ("vec", id(vec))
-                if key not in region.memo:
-                    region.memo[key] = (vec, gather_tokens(vec, region.image_index, 1))
-                named["vec"] = region.memo[key][1]
+            if self.facts is WAN_FACTS and isinstance(vec, torch.Tensor) and vec.ndim == 4 and vec.shape[1] > 1:
+                named["vec"] = self._gather_modulation(region, vec)
         out = compute(named)
         if last:
             spec = region.region
@@ -201,6 +197,19 @@ class ComfyRAS(RAS):
                 h, e = sel.exit(region, (out["img"], out.get("txt")))
                 out = dict(out, img=h, txt=e)
         return out
+
+    @staticmethod
+    def _gather_modulation(region, vec: torch.Tensor) -> torch.Tensor:
+        """Wan's modulation ``vec`` (B, T, 6, C) with one row per frame (or per token, T = N): the
+        block spreads it over the tokens with ComfyUI's ``repeat_e``; spread to the N image tokens the
+        same way, then take the active ones. (B, 1, 6, C) broadcasts and is never gathered."""
+        key = ("vec", id(vec))
+        if key not in region.memo:
+            from comfy.ldm.wan.model import repeat_e
+
+            full = repeat_e(vec, vec.new_empty((1, region.image_tokens, 1)))
+            region.memo[key] = (vec, gather_tokens(full, region.image_index, 1))
+        return region.memo[key][1]
 
     # -- attention override ----------------------------------------------------------------------
     def attend(self, site, a):

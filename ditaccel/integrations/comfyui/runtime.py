@@ -2,10 +2,11 @@
 attention override on a MODEL clone.
 
 The method objects are the diffusers path's own: ``apply_function_for(config)(engine, config)``
-(:mod:`.builders`; HarmoniCa and RAS with ComfyUI's model facts) builds the same objects (schedules, residual caches, Taylor series, sparse routers) that
-``enable_acceleration`` installs with module hooks. Here nothing is hooked: the engine reads each
-method's parts (:mod:`.parts`) and decides *where their code runs* (module units: :mod:`.units`;
-attention: :mod:`.attention`):
+(:mod:`.builders`; HarmoniCa and RAS with ComfyUI's model facts) builds the same objects
+(schedules, residual caches, Taylor series, routers, token selection) that ``enable_acceleration``
+installs with module hooks. Here nothing is hooked: the engine reads each method's parts
+(:mod:`.parts`) and decides *where their code runs* (module units: :mod:`.units`; attention:
+:mod:`.attention`; RAS's token regions: :mod:`.ras`):
 
 * ``OUTER_SAMPLE`` wrapper: one :class:`ComfyEngine` per sampling run, made from the sigmas the
   sampler was given (fresh state every run: new step count, resolution, batch size);
