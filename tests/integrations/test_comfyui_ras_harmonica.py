@@ -8,7 +8,7 @@ their file by the loader node.
 Tolerances: the models are tiny and random, so there is no image to judge. HarmoniCa skipping 3/8
 of the block work must stay within 2% relative L2 of the full run and closer to it than running
 fewer steps (6 instead of 8). RAS computing half of the image tokens on sparse steps must stay
-within 2% of the full run (observed: 0.45% FLUX, 0.5% Wan); a sparse call on the same input as the
+within 1% of the full run (observed: 0.45% FLUX, 0.5% Wan); a sparse call on the same input as the
 recorded full call must give the full call's output to 1e-6 (and must not without the cached K/V,
 which shows the check can fail). Where nothing may change (active_fraction 1.0, the original
 MODEL afterwards), outputs must be bit-identical.
@@ -93,7 +93,7 @@ def test_harmonica_original_untouched(R):
 def test_harmonica_wan(R):
     w = R["harmonica_wan"]
     assert w["stats"]["methods"]["HarmoniCa"]["cached"] == 4  # steps 2-5 skip one of the 2 blocks each
-    assert w["rel_err"] < 0.02 and w["original_identical_after"]
+    assert w["rel_err"] < 0.01 and w["original_identical_after"]  # observed 0.0002
 
 
 # -- RAS ----------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_ras_blocks_run_on_the_active_tokens(R):
 
 def test_ras_close_to_unpatched(R):
     r = R["ras"]
-    assert r["rel_err"] < 0.02
+    assert r["rel_err"] < 0.01  # observed 0.0045
     assert r["fraction1_identical"]
     assert r["odd_identical"]  # a latent ComfyUI pads to the patch size runs without RAS
 
@@ -157,4 +157,4 @@ def test_ras_wan(R):
     assert ras["sparse_calls"] == 6 and ras["tokens_computed"] == ras["tokens_reused"] == 6 * 2 * 64
     assert ras["joined_attention"] == 6 * 2  # self-attention only: cross-attention runs unchanged
     assert w["tokens_seen"] == [128, 128] + [64] * 6
-    assert w["rel_err"] < 0.02 and w["original_identical_after"]
+    assert w["rel_err"] < 0.01 and w["original_identical_after"]  # observed 0.005
