@@ -136,6 +136,17 @@ def harmonica(R: dict) -> None:
         "original_options_unchanged": repr(m.model_options) == options_before,
     }
 
+    # Chroma, with a router written for the diffusers class (ChromaTransformer2DModel)
+    c = tiny.tiny_chroma(seed=0)
+    cpos, cneg = tiny.chroma_conditioning(1), tiny.chroma_conditioning(2)
+    cbase = tiny.ksample(c, cpos, cneg, lat, steps=8, cfg=2.0)
+    cpath = save_router("chroma", z, "chroma", "ChromaTransformer2DModel", n, groups)
+    cp = accelerate_model(c, ditaccel.HarmoniCaConfig(router=cpath))
+    cacc = tiny.ksample(cp, cpos, cneg, lat, steps=8, cfg=2.0)
+    cafter = tiny.ksample(c, cpos, cneg, lat, steps=8, cfg=2.0)
+    R["harmonica_chroma"] = {"rel_err": rel(cacc, cbase), "stats": last_stats(cp),
+                             "original_identical_after": bool(torch.equal(cafter, cbase))}
+
     # Wan: one run of blocks, a router for 6 steps over its 2 blocks
     w = tiny.tiny_wan(seed=0)
     wpos, wneg = tiny.wan_conditioning(1), tiny.wan_conditioning(2)
@@ -186,6 +197,11 @@ def exactness(m, family: str) -> dict:
         ctx, y = torch.randn(1, 16, 64, generator=g), torch.randn(1, 32, generator=g)
         t = torch.tensor([0.7])
         extra = {"y": y, "guidance": torch.tensor([3.5])}
+    elif family == "chroma":
+        x = torch.randn(1, 16, 16, 16, generator=g)
+        ctx = torch.randn(1, 16, 64, generator=g)
+        t = torch.tensor([0.7])
+        extra = {"guidance": torch.tensor([0.0])}
     else:
         x = torch.randn(1, 16, 2, 16, 16, generator=g)
         ctx = torch.randn(1, 16, 4096, generator=g)
@@ -284,6 +300,15 @@ def ras(R: dict) -> None:
     wseen = wtokens.take()
     wafter = tiny.ksample(w, wpos, wneg, wlat, steps=8, cfg=3.0)
     wtokens.close()
+    c = tiny.tiny_chroma(seed=0)
+    cpos, cneg = tiny.chroma_conditioning(1), tiny.chroma_conditioning(2)
+    cbase = tiny.ksample(c, cpos, cneg, lat, steps=8, cfg=2.0)
+    cp = accelerate_model(c, ditaccel.RASConfig(active_fraction=0.5, warmup_steps=2, reset_steps=()))
+    cacc = tiny.ksample(cp, cpos, cneg, lat, steps=8, cfg=2.0)
+    cafter = tiny.ksample(c, cpos, cneg, lat, steps=8, cfg=2.0)
+    R["ras_chroma"] = {"rel_err": rel(cacc, cbase), "stats": last_stats(cp), "exact": exactness(c, "chroma"),
+                       "original_identical_after": bool(torch.equal(cafter, cbase))}
+
     R["ras_wan"] = {"rel_err": rel(wacc, wbase), "rel_err_base6": rel(wbase6, wbase), "stats": last_stats(wp),
                     "tokens_seen": wseen, "original_identical_after": bool(torch.equal(wafter, wbase)),
                     "exact": exactness(w, "wan")}

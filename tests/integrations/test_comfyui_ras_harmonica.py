@@ -90,6 +90,12 @@ def test_harmonica_original_untouched(R):
     assert h["original_identical_after"] and h["original_options_unchanged"]
 
 
+def test_harmonica_chroma_with_diffusers_class_router(R):
+    c = R["harmonica_chroma"]
+    assert c["stats"]["methods"]["HarmoniCa"]["cached"] == 18  # the same (step, block) cells as on FLUX
+    assert c["rel_err"] < 0.02 and c["original_identical_after"]
+
+
 def test_harmonica_wan(R):
     w = R["harmonica_wan"]
     assert w["stats"]["methods"]["HarmoniCa"]["cached"] == 4  # steps 2-5 skip one of the 2 blocks each
@@ -120,7 +126,7 @@ def test_ras_close_to_unpatched(R):
     assert r["odd_identical"]  # a latent ComfyUI pads to the patch size runs without RAS
 
 
-@pytest.mark.parametrize("part", ["ras", "ras_wan"])
+@pytest.mark.parametrize("part", ["ras", "ras_wan", "ras_chroma"])
 def test_ras_sparse_call_equals_full_call_on_same_input(R, part):
     e = R[part]["exact"]  # ras_wan: one timestep per frame, so the modulation is spread and gathered too
     assert e["with_kv"]["rel_full_vs_plain"] == 0.0  # the recording call is the plain model
@@ -143,7 +149,7 @@ def test_ras_clear_errors(R):
     e = R["ras"]["errors"]
     assert e["with_taylorseer"]["type"] == "CompositionError"
     assert e["model_scope"]["type"] == "ConfigError" and "block patches" in e["model_scope"]["message"]
-    assert e["sd3"]["type"] == "UnsupportedModelError" and "FLUX and Wan" in e["sd3"]["message"]
+    assert e["sd3"]["type"] == "UnsupportedModelError" and "FLUX, Chroma and Wan" in e["sd3"]["message"]
 
 
 def test_ras_original_untouched(R):
@@ -158,3 +164,10 @@ def test_ras_wan(R):
     assert ras["joined_attention"] == 6 * 2  # self-attention only: cross-attention runs unchanged
     assert w["tokens_seen"] == [128, 128] + [64] * 6
     assert w["rel_err"] < 0.01 and w["original_identical_after"]  # observed 0.005
+
+
+def test_ras_chroma(R):
+    c = R["ras_chroma"]
+    ras = c["stats"]["methods"]["RAS"]
+    assert ras["sparse_calls"] == 6 and ras["joined_attention"] == 6 * 6 and ras.get("missing_kv_cache", 0) == 0
+    assert c["rel_err"] < 0.02 and c["original_identical_after"]  # observed 0.0072 (6 of 8 steps sparse)

@@ -17,7 +17,7 @@ of module hooks:
   calls, lets the kept queries attend to the whole cached sequence.
 
 Token regions, read from ComfyUI's model code (comfy.ldm.flux.model.Flux.forward_orig,
-comfy.ldm.wan.model.WanModel.forward_orig):
+comfy.ldm.chroma.model.Chroma.forward_orig, comfy.ldm.wan.model.WanModel.forward_orig):
 
 * FLUX: two regions. The double blocks take ``img`` (image tokens) and ``txt`` and attend over
   [txt, img] with ``pe`` (B, 1, L, D/2, 2, 2) over that joint sequence; between the double and the
@@ -25,6 +25,8 @@ comfy.ldm.wan.model.WanModel.forward_orig):
   is the joint [text, image] sequence, and so is their ``pe``. Each run is one region: image tokens
   are gathered at its first block and scattered back at its last, so the concatenation, the final
   layer and the unpatchify see the full grid.
+* Chroma: the same two regions (its forward has FLUX's token flow; its modulations are per sample).
+  A Chroma that skips blocks (``skip_mmdit`` / ``skip_dit``) runs without RAS.
 * Wan (t2v / i2v ``WanModel`` only): one region over ``blocks``; ``pe`` (1, N, 1, D/2, 2, 2) over the
   image tokens; a per-frame or per-token modulation ``vec`` (Wan 2.2: (B, T, 6, C), spread over the
   tokens by ComfyUI's ``repeat_e``) is spread the same way and gathered too; the text (and
@@ -40,6 +42,7 @@ ComfyUI pads and crops) bypass RAS.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -80,6 +83,13 @@ FLUX_FACTS = TokenFacts(
     notes="ComfyUI FLUX: double blocks on image tokens (joint attention with txt), single blocks on [txt, img].",
 )
 
+# Chroma's forward_orig is FLUX's for the tokens: double blocks on (img, txt, pe over [txt, img]),
+# cat(txt, img), single blocks on the joint sequence, then the image rows to the final layer; its
+# per-block modulations (``vec``) are per sample, not per token.
+CHROMA_FACTS = dataclasses.replace(
+    FLUX_FACTS, family="chroma", dense_if_args=("control", "attention_mask"),
+    notes="ComfyUI Chroma: as FLUX (modulations from the approximator, per sample).")
+
 WAN_FACTS = TokenFacts(
     family="wan",
     regions=(TokenRegion(blocks=("blocks",), hidden_arg="img", hidden_layout=HIDDEN_IMAGE,
@@ -96,11 +106,11 @@ WAN_FACTS = TokenFacts(
 # (family, (module, class) the diffusion model must be exactly, facts)
 _SUPPORTED = {
     "flux": ((("comfy.ldm.flux.model", "Flux"),), FLUX_FACTS),
+    "chroma": ((("comfy.ldm.chroma.model", "Chroma"),), CHROMA_FACTS),
     "wan": ((("comfy.ldm.wan.model", "WanModel"),), WAN_FACTS),
 }
 
 WHY_NOT = {
-    "chroma": "Chroma's ComfyUI forward is not mapped for token selection yet",
     "sd3": "ComfyUI's MMDiT adds its learned position table and runs its joint blocks through code not mapped "
            "for token selection yet",
     "lumina2": "ComfyUI's NextDiT has no block patches",
@@ -119,7 +129,7 @@ class ComfyRAS(RAS):
         family = engine.adapter.family
         if family not in _SUPPORTED:
             raise UnsupportedModelError(
-                f"RAS in ComfyUI runs on FLUX and Wan (t2v/i2v); not on {family}: "
+                f"RAS in ComfyUI runs on FLUX, Chroma and Wan (t2v/i2v); not on {family}: "
                 f"{WHY_NOT.get(family, 'no token facts for this family')}.")
         classes, facts = _SUPPORTED[family]
         if (type(dm).__module__, type(dm).__name__) not in classes:
@@ -146,13 +156,15 @@ class ComfyRAS(RAS):
         if not isinstance(x, torch.Tensor):
             return False
         patch = self.facts.patch(self.model)[-(x.ndim - 2):]
-        return all(s % p == 0 for s, p in zip(x.shape[2:], patch))
+        # Chroma "lite" skips blocks (skip_mmdit / skip_dit): a region's first or last block may not run
+        skipped = getattr(self.model, "skip_mmdit", None) or getattr(self.model, "skip_dit", None)
+        return not skipped and all(s % p == 0 for s, p in zip(x.shape[2:], patch))
 
     def begin_call(self, call) -> None:
         self._bypass = self.config.active_fraction < 1.0 and not self._layout_ok(call)
         if self._bypass:
             self.warn_once("layout", "a latent whose height/width is not a multiple of the patch size "
-                                     "(ComfyUI pads and crops it) ran without RAS.")
+                                     "(ComfyUI pads and crops it), or a model that skips blocks, ran without RAS.")
             self._mode = OFF
             self.router.active = False
             self.selector.begin(OFF, call.info.branch)

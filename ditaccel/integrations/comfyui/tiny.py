@@ -7,7 +7,8 @@ first when running outside ComfyUI).
   like a ``.safetensors`` file from the "Load Diffusion Model" node.
 * FLUX: ComfyUI's FLUX detection fixes 24 heads of 128 channels (a 12B-sized width), so the tiny
   FLUX is made from an explicit unet config through ``comfy.model_detection.model_config_from_unet_config``
-  (ComfyUI's model matching) and then the same steps as ``load_diffusion_model_state_dict``.
+  (ComfyUI's model matching) and then the same steps as ``load_diffusion_model_state_dict``; the
+  tiny Chroma the same way.
 """
 
 from __future__ import annotations
@@ -71,6 +72,39 @@ def tiny_flux(seed: int = 0, std: float = 0.02, **sizes):
     _init_(net, seed, std)
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return _patcher_from_config(cfg, sd)
+
+
+def chroma_unet_config(hidden: int = 256, heads: int = 2, depth: int = 2, depth_single: int = 4,
+                       context_dim: int = 64) -> dict:
+    """Chroma: FLUX's blocks without per-block modulation; an approximator (64 -> hidden) makes the
+    modulations from the timestep, guidance and a fixed modulation index."""
+    if hidden // heads != 128:
+        raise ValueError("Chroma's rotary axes (16, 56, 56) need 128 channels per head: hidden = 128 * heads.")
+    return {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": context_dim,
+            "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
+            "depth_single_blocks": depth_single, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
+            "qkv_bias": True, "in_dim": 64, "out_dim": hidden, "hidden_dim": 128, "n_layers": 2}
+
+
+def tiny_chroma(seed: int = 0, std: float = 0.02, **sizes):
+    """A ComfyUI MODEL (``model_base.Chroma``) with a tiny random Chroma, from an explicit config
+    through ComfyUI's model matching (like the tiny FLUX)."""
+    import comfy.ldm.chroma.model
+    import comfy.ops
+
+    cfg = chroma_unet_config(**sizes)
+    net = comfy.ldm.chroma.model.Chroma(**{k: v for k, v in cfg.items() if k != "image_model"},
+                                        image_model="chroma", operations=comfy.ops.disable_weight_init)
+    _init_(net, seed, std)
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return _patcher_from_config(cfg, sd)
+
+
+def chroma_conditioning(seed: int, tokens: int = 16, context_dim: int = 64, guidance: float = 0.0):
+    """Chroma reads no pooled vector, but ComfyUI's FLUX-based model_base asks for one: an empty one."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, context_dim, generator=g), {"pooled_output": torch.zeros(1, 0),
+                                                                "guidance": guidance}]]
 
 
 def wan_state_dict(seed: int = 0, std: float = 0.02, dim: int = 128, ffn_dim: int = 256, layers: int = 2,
