@@ -58,8 +58,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_int_at_least(1, "a batch size"), default=2,
                    help="samples per generation (reference model: its first N classes; default 2)")
     p.add_argument("--tokens", type=_int_at_least(16, "an image token count"), default=None,
-                   help="image tokens, a square number (tiny random model: default 256 = 64x64 px; FLUX-kind "
-                        "reference model: default its training size, e.g. --tokens 65536 for 1024x1024 px)")
+                   help="image tokens, a square number (tiny random model: default 256 = 64x64 px; reference "
+                        "model: default its training size, e.g. --tokens 65536 for 1024x1024 px; per frame for "
+                        "video models)")
+    p.add_argument("--frames", type=_int_at_least(1, "a frame count"), default=None,
+                   help="frames of a video reference model (wan_tiny: 4k + 1, default 5)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights/activations dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=_int_at_least(1, "a thread count"), default=1,
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model = load_bench_model(args.model, batch=args.batch, device=device, tokens=args.tokens,
+    model = load_bench_model(args.model, batch=args.batch, device=device, tokens=args.tokens, frames=args.frames,
                              dtype=getattr(torch, dtype_name))
     if args.compare_peers:
         variants += [Variant(label=p.label, kind="peer", peer=p, spec=p.label) for p in build_peers()]
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         "model": {"name": model.name, "description": model.description, "family": model.family,
                   "random_weights": model.random_weights},
         "settings": {"steps": args.steps, "seed": args.seed, "repeats": args.repeats, "batch": args.batch,
-                     "threads": args.threads, "device": device, "dtype": dtype_name, "tokens": args.tokens},
+                     "threads": args.threads, "device": device, "dtype": dtype_name, "tokens": args.tokens,
+                     "frames": args.frames},
         "notes": notes,
     }
     print(f"\n{model.description}; {args.steps} steps, seed {args.seed}, {args.repeats} timed repeats, "

@@ -111,17 +111,43 @@ def available_reference_names() -> list[str]:
         return list(api.list_reference_models())
 
 
-def _image_size_for_tokens(pipe, tokens: int, name: str) -> dict[str, int]:
-    """height/width of a FLUX-kind reference model for ``tokens`` image tokens (2x2 packed latents)."""
-    if type(pipe).__name__ != "FluxPipeline":
-        raise UsageError(f"--tokens applies to the tiny random models and FLUX-kind reference models; "
-                         f"{name} is a {type(pipe).__name__}. Leave --tokens out for it.")
-    side = int(round(tokens ** 0.5)) * 2 * pipe.vae_scale_factor
-    return {"height": side, "width": side}
+def _image_size_for_tokens(pipe, tokens: int, name: str, frames: int | None = None) -> dict[str, int]:
+    """Call size of a reference model for ``tokens`` image tokens (per frame for video models):
+    FLUX-kind: 2x2-packed latents; Wan-kind: 1x2x2 patches, ``frames`` frames (4k + 1)."""
+    kind = type(pipe).__name__
+    if kind == "FluxPipeline" and frames is None:
+        side = int(round(tokens ** 0.5)) * 2 * pipe.vae_scale_factor
+        return {"height": side, "width": side}
+    if kind == "WanPipeline":
+        out = {}
+        if tokens is not None:
+            side = int(round(tokens ** 0.5)) * 2 * pipe.vae_scale_factor_spatial
+            out.update(height=side, width=side)
+        if frames is not None:
+            if (frames - 1) % pipe.vae_scale_factor_temporal:
+                raise UsageError(f"--frames must be {pipe.vae_scale_factor_temporal}k + 1 for {name} "
+                                 f"(e.g. 5, 9, 17), got {frames}.")
+            out["num_frames"] = frames
+        return out
+    raise UsageError(f"--tokens applies to the tiny random models and FLUX-kind reference models, --frames to "
+                     f"video reference models; {name} is a {kind}. Leave them out for it.")
+
+
+def _tokens_of(pipe, size: dict) -> int | None:
+    """Image tokens the transformer sees for a call of this size (video: all frames), if known."""
+    kind = type(pipe).__name__
+    if kind == "FluxPipeline" and "height" in size:
+        return (size["height"] // (2 * pipe.vae_scale_factor)) * (size["width"] // (2 * pipe.vae_scale_factor))
+    if kind == "WanPipeline" and "height" in size:
+        f = (size.get("num_frames", 1) - 1) // pipe.vae_scale_factor_temporal + 1
+        per = 2 * pipe.vae_scale_factor_spatial
+        return f * (size["height"] // per) * (size["width"] // per)
+    return None
 
 
 def _load_reference(name: str, batch: int, device: str, tokens: int | None = None,
-                    dtype: torch.dtype = torch.float32, folder: Path | None = None) -> BenchModel:
+                    dtype: torch.dtype = torch.float32, folder: Path | None = None,
+                    frames: int | None = None) -> BenchModel:
     """Reference model ``name`` from its shipped checkpoint, or from ``folder`` laid out like it."""
     api = _reference_api()
     pipe, prompts = api.load_reference_pipeline(name, device=device, dtype=dtype, folder=folder)
@@ -129,14 +155,17 @@ def _load_reference(name: str, batch: int, device: str, tokens: int | None = Non
     classes = list(getattr(prompts, "class_names", []))[:batch] or [0]
     info = getattr(api, "REFERENCE_MODELS", {}).get(name, {})
     size = {k: v for k, v in info.get("default_call", {}).items() if k != "num_inference_steps"}
-    if tokens is not None:
-        size.update(_image_size_for_tokens(pipe, tokens, name))
+    if tokens is not None or frames is not None:
+        size.update(_image_size_for_tokens(pipe, tokens, name, frames))
     kw = api.reference_call_kwargs(prompts, classes, dtype=dtype, device=device)
 
     def make_call(seed: int) -> dict[str, Any]:
         return {**kw, **size}
 
-    at = f"; run at {size['height']}x{size['width']} px ({tokens} image tokens)" if tokens is not None else ""
+    at = ""
+    if tokens is not None or frames is not None:
+        f = f"{size['num_frames']} frames of " if "num_frames" in size else ""
+        at = f"; run at {f}{size['height']}x{size['width']} px ({_tokens_of(pipe, size)} image tokens)"
     if folder is None:
         desc = f"trained reference model {name}: {info.get('description', name)}"
     else:
@@ -158,13 +187,14 @@ def _reference_name_of_folder(path: Path) -> str | None:
 
 
 def _load_folder(path: Path, device: str, batch: int = 1, tokens: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> BenchModel:
+                 dtype: torch.dtype = torch.float32, frames: int | None = None) -> BenchModel:
     import diffusers
 
     if (path / "model_index.json").is_file():
         name = _reference_name_of_folder(path)
         if name is not None:
-            return _load_reference(name, batch, device, tokens, dtype, folder=path)
+            return _load_reference(name, batch, device, tokens, dtype, folder=path, frames=frames)
+    _no_frames(frames, f"the diffusers pipeline folder {path}")
 
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
@@ -188,13 +218,20 @@ def _load_folder(path: Path, device: str, batch: int = 1, tokens: int | None = N
                       description=f"diffusers pipeline {type(pipe).__name__} from {path}")
 
 
+def _no_frames(frames: int | None, what: str) -> None:
+    if frames is not None:
+        raise UsageError(f"--frames applies to video reference models (wan_tiny); {what} is not one. Leave it out.")
+
+
 def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", tokens: int | None = None,
-                     dtype: torch.dtype = torch.float32) -> BenchModel:
+                     dtype: torch.dtype = torch.float32, frames: int | None = None) -> BenchModel:
     """``None`` -> the FLUX reference model if its checkpoint is there, else tiny random FLUX.
 
-    ``tokens``: image tokens (tiny random models: default 256; FLUX-kind reference models: default
-    their training size).  ``dtype``: the weights' and conditioning's dtype."""
+    ``tokens``: image tokens (tiny random models: default 256; reference models: default their
+    training size; per frame for video models).  ``frames``: frames of a video reference model.
+    ``dtype``: the weights' and conditioning's dtype."""
     if spec is None:
+        _no_frames(frames, "the default FLUX model")
         if "flux_tiny" in available_reference_names():
             try:
                 return _load_reference("flux_tiny", batch, device, tokens, dtype)
@@ -210,6 +247,7 @@ def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", toke
         return model
     if spec.startswith("tiny:"):
         family = spec.split(":", 1)[1]
+        _no_frames(frames, f"--model {spec}")
         if family not in TINY_BUILDERS:
             raise UsageError(f"--model {spec}: no tiny random pipeline for family {family!r}. "
                              f"Expected one of {['tiny:' + f for f in TINY_BUILDERS]}.")
@@ -219,10 +257,10 @@ def load_bench_model(spec: str | None, batch: int = 1, device: str = "cpu", toke
             raise UsageError(f"--model {spec}: the reference model's checkpoint is missing. "
                              f"Reference models with checkpoints: {available_reference_names() or 'none'}. "
                              f"Use --model tiny:flux for a random model.")
-        return _load_reference(spec, batch, device, tokens, dtype)
+        return _load_reference(spec, batch, device, tokens, dtype, frames=frames)
     path = Path(spec)
     if path.is_dir():
-        return _load_folder(path, device, batch, tokens, dtype)
+        return _load_folder(path, device, batch, tokens, dtype, frames)
     raise UsageError(
         f"--model {spec!r} is neither a reference model ({reference_names() or 'none installed'}), "
         f"a tiny random model ({['tiny:' + f for f in TINY_BUILDERS]}), nor an existing folder. "
