@@ -14,8 +14,10 @@ import torch
 from ditaccel.reference.pipelines import REFERENCE_MODELS, load_reference_pipeline, reference_call_kwargs
 
 
-def sample_grid(name: str, seeds: int = 6, cfg: float = 1.0, steps: int = 28, classes=None, size: int | None = None) -> np.ndarray:
-    pipe, prompts = load_reference_pipeline(name)
+def sample_grid(name: str, seeds: int = 6, cfg: float = 1.0, steps: int = 28, classes=None, size: int | None = None,
+                folder: Path | None = None) -> np.ndarray:
+    """``folder``: a checkpoint folder laid out like the shipped one (e.g. a fresh train_* run)."""
+    pipe, prompts = load_reference_pipeline(name, folder=folder)
     classes = classes or prompts.class_names
     call = dict(REFERENCE_MODELS[name]["default_call"], num_inference_steps=steps)
     if size:
@@ -39,13 +41,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="flux_tiny")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--folder", type=Path, default=None,
+                    help="render this checkpoint folder (a train_flux/train_wan --out) instead of the shipped one")
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the PNG")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    arr = sample_grid(args.model, seeds=args.seeds, cfg=args.cfg, size=args.size)
+    arr = sample_grid(args.model, seeds=args.seeds, cfg=args.cfg, size=args.size, folder=args.folder)
     img = Image.fromarray(arr)
     img = img.resize((img.width * args.scale, img.height * args.scale), Image.NEAREST)
     args.out.parent.mkdir(parents=True, exist_ok=True)
