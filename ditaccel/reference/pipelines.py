@@ -52,8 +52,7 @@ REFERENCE_MODELS: dict[str, dict[str, Any]] = {
     "wan_tiny": {
         "pipeline": "WanPipeline",
         "kind": "wan",
-        "train": ("PYTHONPATH=<repo> python -m ditaccel.reference.train_wan --out {path} --seed 0 --device cuda "
-                  "--vae-steps 1200 --vae-stop-after 842 --vae-batch 16 --dit-steps 2500 --dit-batch 32"),
+        "train": "PYTHONPATH=<repo> python -m ditaccel.reference.train_wan --out {path} --seed 0",
         "description": "Wan-architecture video DiT + tiny AutoencoderKLWan, moving shapes, 5 frames 32x32 = 192 tokens",
         "default_call": {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 28},
     },
