@@ -27,18 +27,11 @@ from ditaccel.integrations.comfyui.runtime import SPEC_KEY, accelerate_model, la
 from ditaccel.integrations.comfyui.units import UnitModule  # noqa: E402
 
 rel, run_node, node_defaults, BlockCounter = base.rel, base.run_node, base.node_defaults, base.BlockCounter
+error_of = base.error_of
 
 
 def run_method_node(node_id: str, model, **inputs):
     return run_node(node_id, model=model, **{**node_defaults(node_id), **inputs})
-
-
-def error_of(fn) -> dict:
-    try:
-        fn()
-        return {"raised": False}
-    except Exception as err:  # noqa: BLE001
-        return {"raised": True, "type": type(err).__name__, "message": str(err)}
 
 
 def units_left(model) -> int:

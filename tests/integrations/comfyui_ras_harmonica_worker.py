@@ -30,15 +30,8 @@ from ditaccel.integrations.comfyui.runtime import (_CURRENT_RUN, RUN_KEY, ComfyE
 from ditaccel.methods.harmonica_router import Router  # noqa: E402
 
 rel, run_node, node_defaults, BlockCounter = base.rel, base.run_node, base.node_defaults, base.BlockCounter
+error_of = base.error_of
 TMP = Path(tempfile.mkdtemp(prefix="ditaccel_comfy_routers_"))
-
-
-def error_of(fn) -> dict:
-    try:
-        fn()
-        return {"raised": False}
-    except Exception as err:  # noqa: BLE001
-        return {"raised": True, "type": type(err).__name__, "message": str(err)}
 
 
 def nodes_ui(R: dict) -> None:

@@ -66,6 +66,15 @@ def run_node(node_id: str, **inputs):
     return f(**inputs).result[0]
 
 
+def error_of(fn) -> dict:
+    """What calling ``fn`` raised (type and message), for the parent test to assert on."""
+    try:
+        fn()
+        return {"raised": False}
+    except Exception as err:  # noqa: BLE001
+        return {"raised": True, "type": type(err).__name__, "message": str(err)}
+
+
 class BlockCounter:
     """Counts real executions of the DiT blocks (forward pre-hooks, test instrumentation only)."""
 
