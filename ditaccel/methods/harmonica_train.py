@@ -69,6 +69,16 @@ _MAX_LOGIT = 6.0
 __all__ = ["TrainSettings", "Sample", "RouterTrainer", "train_router", "flop_speedup"]
 
 
+def _pipeline_output(out) -> torch.Tensor:
+    """The images (image pipelines) or frames (video pipelines) of a pipeline output, as float."""
+    x = getattr(out, "images", None)
+    if x is None:
+        x = getattr(out, "frames", None)
+    if x is None:
+        x = out[0]
+    return torch.as_tensor(x).float()
+
+
 @dataclass
 class TrainSettings:
     steps: int = 20  # denoising steps of the generations the router is for
@@ -465,13 +475,7 @@ class RouterTrainer:
         kw.update(num_inference_steps=self.s.steps, generator=torch.Generator().manual_seed(int(sample.seed)),
                   output_type=output_type)
         with torch.no_grad():
-            out = self.pipe(**kw)
-        x = getattr(out, "images", None)
-        if x is None:
-            x = getattr(out, "frames", None)
-        if x is None:
-            x = out[0]
-        return torch.as_tensor(x).float()
+            return _pipeline_output(self.pipe(**kw))
 
     def _batched(self, samples: Sequence[Sample]) -> dict[str, Any] | None:
         """One pipeline call's keyword arguments for several samples (tensor arguments concatenated, one
@@ -504,13 +508,7 @@ class RouterTrainer:
             return [self._generate(smp, output_type) for smp in samples]
         kw["output_type"] = output_type
         with torch.no_grad():
-            out = self.pipe(**kw)
-        x = getattr(out, "images", None)
-        if x is None:
-            x = getattr(out, "frames", None)
-        if x is None:
-            x = out[0]
-        x = torch.as_tensor(x).float()
+            x = _pipeline_output(self.pipe(**kw))
         return [x[i : i + 1] for i in range(len(samples))]
 
     def _on_call(self, forward, args, kwargs):
