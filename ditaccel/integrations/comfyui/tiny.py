@@ -61,17 +61,23 @@ def flux_unet_config(hidden: int = 256, heads: int = 2, depth: int = 2, depth_si
             "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
 
 
-def tiny_flux(seed: int = 0, std: float = 0.02, **sizes):
-    """A ComfyUI MODEL (ModelPatcher over ``model_base.Flux``) with a tiny random FLUX-dev."""
-    import comfy.ldm.flux.model
+def _flux_like(net_class, cfg: dict, seed: int, std: float):
+    """A MODEL from a FLUX-family config: the net built with ComfyUI's ops, random init, then
+    loaded back through ComfyUI's model matching."""
     import comfy.ops
 
-    cfg = flux_unet_config(**sizes)
-    net = comfy.ldm.flux.model.Flux(**{k: v for k, v in cfg.items() if k != "image_model"},
-                                    image_model="flux", operations=comfy.ops.disable_weight_init)
+    net = net_class(**{k: v for k, v in cfg.items() if k != "image_model"}, image_model=cfg["image_model"],
+                    operations=comfy.ops.disable_weight_init)
     _init_(net, seed, std)
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return _patcher_from_config(cfg, sd)
+
+
+def tiny_flux(seed: int = 0, std: float = 0.02, **sizes):
+    """A ComfyUI MODEL (ModelPatcher over ``model_base.Flux``) with a tiny random FLUX-dev."""
+    import comfy.ldm.flux.model
+
+    return _flux_like(comfy.ldm.flux.model.Flux, flux_unet_config(**sizes), seed, std)
 
 
 def chroma_unet_config(hidden: int = 256, heads: int = 2, depth: int = 2, depth_single: int = 4,
@@ -90,14 +96,8 @@ def tiny_chroma(seed: int = 0, std: float = 0.02, **sizes):
     """A ComfyUI MODEL (``model_base.Chroma``) with a tiny random Chroma, from an explicit config
     through ComfyUI's model matching (like the tiny FLUX)."""
     import comfy.ldm.chroma.model
-    import comfy.ops
 
-    cfg = chroma_unet_config(**sizes)
-    net = comfy.ldm.chroma.model.Chroma(**{k: v for k, v in cfg.items() if k != "image_model"},
-                                        image_model="chroma", operations=comfy.ops.disable_weight_init)
-    _init_(net, seed, std)
-    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return _patcher_from_config(cfg, sd)
+    return _flux_like(comfy.ldm.chroma.model.Chroma, chroma_unet_config(**sizes), seed, std)
 
 
 def chroma_conditioning(seed: int, tokens: int = 16, context_dim: int = 64, guidance: float = 0.0):
