@@ -91,17 +91,15 @@ def select_key_clusters(cq, ck, k_sizes, scale: float, top_p: float, min_tokens:
 def split_query_blocks(offsets: torch.Tensor, block: int, n_tokens: int | None = None):
     """Split clusters (G, C + 1 offsets) into pieces of at most ``block`` tokens.
 
-    Returns (piece offsets (G, P + 1), piece -> cluster id (G, P)). P = C + ceil(N / block) bounds
-    the number of pieces (N = ``n_tokens``, the clustered length; read from the offsets, a device
-    sync, when not given); groups with fewer pieces are padded with empty pieces at the end
-    (offset = N)."""
+    Returns (piece offsets (G, P + 1), piece -> cluster id (G, P)). With ``n_tokens`` (N, the
+    clustered length) P = C + ceil(N / block), a bound known without a device sync; without it P is
+    the largest exact piece count (read back from the device). Groups with fewer pieces are padded
+    with empty pieces at the end (offset = N)."""
     G, C = offsets.shape[0], offsets.shape[1] - 1
-    if n_tokens is None:
-        n_tokens = int(offsets[:, -1].max())
     last = offsets[:, -1:]
     pieces = (offsets.diff(dim=1) + (block - 1)).div_(block, rounding_mode="floor")
     cum = pieces.cumsum(1)
-    P = C + -(-n_tokens // block)
+    P = C + -(-n_tokens // block) if n_tokens is not None else max(1, int(cum[:, -1].max()))
     j = torch.arange(P, device=offsets.device).expand(G, P)
     cluster = torch.searchsorted(cum, j.contiguous(), right=True).clamp_(max=C - 1)
     # piece j is piece (j - pieces before its cluster) of its cluster
@@ -114,8 +112,9 @@ def svg2_block_layout(order, count, q_offsets, k_offsets, n_tokens: int, block: 
     """The kernel's layout from a key-cluster selection (``select_key_clusters``): (kv_count (G, P),
     kv_index (G, P, Ck), query piece offsets (G, P + 1), key cluster offsets (G, Ck + 1)), int32,
     with the query clusters split into pieces of at most ``block`` tokens. ``n_tokens`` is the
-    clustered length N, so nothing is read back to the host."""
-    p_off, p_cluster = split_query_blocks(q_offsets, block, n_tokens)
+    clustered length N, so nothing is read back to the host on a GPU (on the CPU reading the exact
+    piece count is free and leaves no empty padding pieces for the gather path)."""
+    p_off, p_cluster = split_query_blocks(q_offsets, block, n_tokens if q_offsets.is_cuda else None)
     P, Ck = p_cluster.shape[1], order.shape[2]
     kv_index = torch.gather(order.to(torch.int32), 1, p_cluster.unsqueeze(-1).expand(-1, P, Ck))
     kv_count = torch.gather(count, 1, p_cluster).to(torch.int32)

@@ -93,9 +93,12 @@ def test_permutation_round_trip_is_exact_and_clusters_contiguous():
     assert torch.equal(unpermute_tokens(permute_tokens(x, p), p), x)
 
 
-def test_split_query_blocks_covers_every_token_once():
+@pytest.mark.parametrize("n_tokens", [None, 300])  # exact piece count / the sync-free bound (GPU)
+def test_split_query_blocks_covers_every_token_once(n_tokens):
     offsets = torch.tensor([[0, 0, 130, 131, 300], [0, 64, 64, 64, 300]])
-    p_off, p_cluster = split_query_blocks(offsets, 64)
+    p_off, p_cluster = split_query_blocks(offsets, 64, n_tokens)
+    if n_tokens is not None:
+        assert p_cluster.shape[1] == 4 + 5  # C + ceil(N / block)
     sizes = p_off[:, 1:] - p_off[:, :-1]
     assert torch.all(sizes <= 64) and torch.all(sizes >= 0)
     assert torch.all(p_off[:, -1] == 300) and torch.all(p_off[:, 1:] >= p_off[:, :-1])
