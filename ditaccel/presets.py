@@ -1,13 +1,19 @@
 """Presets, named by intent. Each maps to a list of method configs.
 
-Tuned on the trained reference model ``flux_tiny`` (FLUX architecture, 28 and 50 Euler steps,
-PSNR of the decoded images against full compute; ``bench/caching.py``): TaylorSeer forecasting
-the attention/MLP outputs with order 1 gave the most speed per dB of the methods measured
-(plain step cache, Δ-Cache, TaylorSeer module/block, fixed/adaptive). Measured there:
+All three are TaylorSeer (order 1) forecasting the residual of each run of blocks
+(``granularity="block"``) on the refresh-error schedule (:mod:`ditaccel.methods.adaptive`): at
+every full step the forecast of that step is compared with what was computed, and the next full
+step comes when the forecast errors expected since the last one add up to ``refresh_tolerance``.
+The tolerance, not an interval, is what the presets set, so one preset spends its full steps where
+a model's features move, at any step count. Block granularity and the schedule were chosen on the
+trained reference models (``bench/caching.py``, decoded output against full compute): at the same
+number of full steps the refresh-error schedule scored 0.1-2.6 dB above fixed intervals, and block
+granularity ran faster than per-module forecasting at equal PSNR on flux_tiny and scored 3 dB higher
+on wan_tiny. Measured (full steps / PSNR; see docs/benchmarks.md for speed):
 
-* quality  — interval 3: 42.4 dB at 28 steps, 2.3x fewer transformer FLOPs;
-* balanced — interval 4: 37.5 dB (28 steps) / 41.4 dB (50 steps), 2.7x / 3.3x fewer FLOPs;
-* fast     — interval 6: 33.5 dB (28 steps) / 31.3 dB (50 steps), 3.4x / 4.4x fewer FLOPs.
+* quality  — tolerance 0.3: flux_tiny 28 steps 10 / 43.3 dB, 50 steps 13 / 45.8 dB; wan_tiny 10 / 40.7 dB;
+* balanced — tolerance 0.7: 8 / 36.6 dB, 10 / 34.9 dB; wan_tiny 9 / 35.2 dB;
+* fast     — tolerance 1.2: see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,23 +23,19 @@ from .methods.configs import TaylorSeerConfig
 from .methods.step_cache import StepCacheConfig
 
 
-def _quality():
-    return [TaylorSeerConfig(interval=3, order=1, warmup_steps=3, final_steps=1, granularity="module")]
-
-
-def _balanced():
-    return [TaylorSeerConfig(interval=4, order=1, warmup_steps=3, final_steps=1, granularity="module")]
-
-
-def _fast():
-    return [TaylorSeerConfig(interval=6, order=1, warmup_steps=3, final_steps=1, granularity="module")]
+def _taylorseer(tolerance: float) -> list:
+    return [TaylorSeerConfig(granularity="block", order=1, refresh_tolerance=tolerance, interval=4, warmup_steps=3,
+                             final_steps=1, max_consecutive_cached=10)]
 
 
 def _none():
     return [StepCacheConfig(interval=1)]
 
 
-register_preset("quality", _quality, "Smallest fidelity loss: TaylorSeer (attention/MLP outputs, order 1), full step every 3rd.")
-register_preset("balanced", _balanced, "Default: TaylorSeer (attention/MLP outputs, order 1), full step every 4th.")
-register_preset("fast", _fast, "Most speed: TaylorSeer (attention/MLP outputs, order 1), full step every 6th.")
+register_preset("quality", lambda: _taylorseer(0.3),
+                "Smallest fidelity loss: TaylorSeer (block residuals, order 1), refresh-error schedule, tolerance 0.3.")
+register_preset("balanced", lambda: _taylorseer(0.7),
+                "Default: TaylorSeer (block residuals, order 1), refresh-error schedule, tolerance 0.7.")
+register_preset("fast", lambda: _taylorseer(1.2),
+                "Most speed: TaylorSeer (block residuals, order 1), refresh-error schedule, tolerance 1.2.")
 register_preset("off", _none, "Hooks attached, nothing skipped (measures hook overhead; output bit-identical).")

@@ -86,8 +86,12 @@ class TaylorSeerConfig(MethodConfig):
     blocks) are forecast whole, as in the paper's FLUX code. ``"block"`` forecasts the residual
     (output − input streams) of each run of blocks and skips the blocks entirely. ``formula``:
     ``"newton"`` (interpolating polynomial over the actual full steps, exact for polynomials of
-    degree ≤ order) or ``"taylor"`` (the paper's Σ d_i·k^i form). ``threshold`` > 0: adaptive —
-    block 0 is computed every step and the error of its own Taylor forecast decides.
+    degree ≤ order) or ``"taylor"`` (the paper's Σ d_i·k^i form). Adaptive schedules:
+    ``refresh_tolerance`` > 0 — at each full step the forecast of that step is compared with what was
+    computed (relative L1 over all units, no extra compute) and the next interval is chosen so the
+    forecast error stays near the tolerance (``interval`` is the first guess, ``max_consecutive_cached``
+    + 1 the longest); ``threshold`` > 0 — block 0 is computed every step and the error of its own
+    Taylor forecast decides that step. At most one of the two.
     """
 
     interval: int = 4
@@ -95,7 +99,8 @@ class TaylorSeerConfig(MethodConfig):
     warmup_steps: int = 3
     final_steps: int = 1
     granularity: str = "module"  # "module" (attention/MLP outputs before the gate) or "block"
-    threshold: float = 0.0  # > 0: adaptive controller on the forecast error
+    threshold: float = 0.0  # > 0: probe-block controller on the forecast error
+    refresh_tolerance: float = 0.0  # > 0: interval controller on the forecast error at full steps
     max_consecutive_cached: int = 6
     formula: str = "newton"
     uncond_follows_cond: bool = True
@@ -109,6 +114,11 @@ class TaylorSeerConfig(MethodConfig):
         check_int(n, "final_steps", self.final_steps, minimum=0)
         check_choice(n, "granularity", self.granularity, ("module", "block"))
         check_float(n, "threshold", self.threshold, minimum=0.0)
+        check_float(n, "refresh_tolerance", self.refresh_tolerance, minimum=0.0)
+        if self.threshold > 0 and self.refresh_tolerance > 0:
+            raise ConfigError(f"{n}: threshold={self.threshold} (probe schedule) and refresh_tolerance="
+                              f"{self.refresh_tolerance} (refresh-error schedule) are two adaptive schedules; "
+                              f"set one of them and leave the other at 0.")
         check_int(n, "max_consecutive_cached", self.max_consecutive_cached, minimum=1)
         check_choice(n, "formula", self.formula, ("newton", "taylor"))
         _check_bool(n, "uncond_follows_cond", self.uncond_follows_cond)

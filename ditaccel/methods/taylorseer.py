@@ -14,11 +14,15 @@ spacing) is used instead. Units:
   the blocks are skipped and input + forecast residual is returned. Taylor forecasts are linear
   in the data, so forecasting a run's residual equals chaining per-block residual forecasts.
 
-Schedules (fixed / adaptive) and CFG branch handling: :mod:`ditaccel.methods.adaptive`. With
-``threshold`` > 0 block 0 always runs as the probe and the error of its own forecast decides.
+Schedules (fixed / probe / refresh-error) and CFG branch handling: :mod:`ditaccel.methods.adaptive`.
+With ``threshold`` > 0 block 0 always runs as the probe and the error of its own forecast decides;
+with ``refresh_tolerance`` > 0 nothing extra runs: at each full step the units' forecasts for that
+step are compared with what was computed, and the error sets the next interval.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..config import register_method
 from ..hooks.block_range import ProvidedResidualSegment
@@ -79,6 +83,7 @@ class TaylorSeer(InstalledMethod):
             self, interval=config.interval, warmup_steps=config.warmup_steps, final_steps=config.final_steps,
             threshold=config.threshold, max_consecutive_cached=config.max_consecutive_cached,
             uncond_follows_cond=config.uncond_follows_cond, probe_order=config.order, cache_dtype=config.cache_dtype,
+            refresh_tolerance=config.refresh_tolerance,
         )
         self.probe = None
         if self.adaptive:
@@ -131,6 +136,14 @@ class TaylorSeer(InstalledMethod):
             s = self.series[full] = TaylorSeries(self.config.order, self.config.cache_dtype)
         return s
 
+    def _update(self, key, values: list) -> None:
+        """Add a full step's values to ``key``'s series; on the refresh-error schedule first report
+        how far the series' forecast for this step was from them."""
+        s = self._series(key)
+        if self.controller.measuring and s.ready and len(s.nodes) > s.order:
+            self.controller.observe(values, s.forecast(self._step, dtype=torch.float32, formula=self.config.formula))
+        s.update(self._step, values)
+
     def _usable(self, key) -> bool:
         """On a cached step: may ``key`` be forecast? Counts and warns on non-finite fallbacks."""
         s = self.series.get((self._branch, key))
@@ -163,8 +176,8 @@ class TaylorSeer(InstalledMethod):
         if self.controller.mode == CACHE and (self._branch, key) not in self._fallback_now:
             return
         self._fallback_now.discard((self._branch, key))
-        if self.config.interval > 1 or self.adaptive:
-            self._series(key).update(self._step, list(tensors))
+        if self.config.interval > 1 or self.adaptive or self.config.refresh_tolerance > 0:
+            self._update(key, list(tensors))
 
     # -- block-run units ---------------------------------------------------------------------------
     def _decide_segment(self, seg, h, e) -> bool:
@@ -177,7 +190,7 @@ class TaylorSeer(InstalledMethod):
         return False
 
     def _want_residual(self) -> bool:
-        return self.config.interval > 1 or self.adaptive
+        return self.config.interval > 1 or self.adaptive or self.config.refresh_tolerance > 0
 
     def _count_segment(self, seg, computed: bool) -> None:
         self.count_segment(seg, computed, "forecast")
@@ -192,7 +205,7 @@ class TaylorSeer(InstalledMethod):
         if self.controller.mode == CACHE and (self._branch, key) not in self._fallback_now:
             return
         self._fallback_now.discard((self._branch, key))
-        self._series(key).update(self._step, [dh, de])
+        self._update(key, [dh, de])
 
     # -- stats -------------------------------------------------------------------------------------
     def bytes_held(self) -> int:

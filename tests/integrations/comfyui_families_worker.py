@@ -25,7 +25,7 @@ from ditaccel.integrations.comfyui.parts import method_parts  # noqa: E402
 from ditaccel.integrations.comfyui.runtime import SPEC_KEY, ComfyEngine, accelerate_model, last_stats  # noqa: E402
 from ditaccel.integrations.comfyui.units import UnitModule  # noqa: E402
 
-rel, run_node = base.rel, base.run_node
+rel, run_node, node_defaults = base.rel, base.run_node, base.node_defaults
 
 
 def units_left(model) -> int:
@@ -56,9 +56,10 @@ class StoredResiduals:
         ComfyEngine.finish = self._finish
 
 
-def accelerate(model, preset: str = "balanced"):
-    return run_node("DitAccelerate", model=model, preset=preset, interval=0, warmup_steps=-1, final_steps=-1,
-                    cache_scope="auto", verbose=False)
+def accelerate(model):
+    """TaylorSeer on the attention/MLP modules (object patches), fixed interval 4, warm-up 3, final 1."""
+    return run_node("DitAccelTaylorSeer", model=model, **{**node_defaults("DitAccelTaylorSeer"), "interval": 4,
+                                                          "granularity": "module", "warmup_steps": 3, "final_steps": 1})
 
 
 def sd3():
@@ -90,7 +91,7 @@ def family(name: str, build) -> dict:
     options_before = repr(m.model_options)
     base8 = tiny.ksample(m, pos, neg, lat, steps=8, cfg=2.0)
     base6 = tiny.ksample(m, pos, neg, lat, steps=6, cfg=2.0)  # about the work of the cached run
-    patched = accelerate(m, "balanced")
+    patched = accelerate(m)
     acc8 = tiny.ksample(patched, pos, neg, lat, steps=8, cfg=2.0)
     stats8 = last_stats(patched)
     units_loaded = units_left(m)  # object patches in place while the patched MODEL is loaded
@@ -101,7 +102,7 @@ def family(name: str, build) -> dict:
     stats5 = last_stats(patched)
     acc8_again = tiny.ksample(patched, pos, neg, lat, steps=8, cfg=2.0)
     stats8_again = last_stats(patched)
-    fresh8 = tiny.ksample(accelerate(m, "balanced"), pos, neg, lat, steps=8, cfg=2.0)
+    fresh8 = tiny.ksample(accelerate(m), pos, neg, lat, steps=8, cfg=2.0)
     base5 = tiny.ksample(m, pos, neg, lat, steps=5, cfg=2.0)
     # the plain step cache: the residual it adds back on skipped steps must not be zero (ComfyUI's
     # blocks add in place, so a residual taken against the block's own input tensor is 0)

@@ -3,7 +3,7 @@
 Tiny random state dicts go through ComfyUI's own loader (model detection from the keys for SD3,
 HunyuanVideo and LTXV; ComfyUI's model matching from an explicit config for Lumina 2, whose
 detection fixes heads only for the real widths) and are sampled with the KSampler node, with and
-without the DiT Accelerate node (preset "balanced": TaylorSeer, interval 4). The scenarios run once
+without the advanced TaylorSeer node (attention/MLP module units, interval 4, warm-up 3, final 1). The scenarios run once
 in a separate process (comfyui_families_worker.py; see test_comfyui.py for why).
 
 Tolerances as in test_comfyui.py: within 2% relative L2 of the unpatched run and, where blocks are
@@ -47,7 +47,7 @@ def test_loaded_by_comfyui_and_detected(R, name):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_balanced_preset_skips_work_and_stays_close(R, name):
+def test_taylorseer_skips_work_and_stays_close(R, name):
     r = R[name]
     s = r["stats8"]
     assert s["total_steps"] == 8 and s["transformer_calls"] == 8

@@ -93,8 +93,8 @@ class DitAccelerate(io.ComfyNode):
                 io.Combo.Input("preset", options=presets, default="balanced" if "balanced" in presets else presets[0],
                                tooltip="Speed/quality intent; the options below override the preset's values."),
                 io.Int.Input("interval", default=0, min=0, max=1000,
-                             tooltip="Compute in full every N steps and reuse/forecast in between; "
-                                     "0 = the preset's value."),
+                             tooltip="Compute in full every N steps and reuse/forecast in between, instead of "
+                                     "the preset's adaptive schedule; 0 = the preset's schedule."),
                 io.Int.Input("warmup_steps", default=-1, min=-1, max=1000,
                              tooltip="Steps always computed at the start; -1 = the preset's value."),
                 io.Int.Input("final_steps", default=-1, min=-1, max=1000,
@@ -118,6 +118,8 @@ class DitAccelerate(io.ComfyNode):
             overrides["final_steps"] = int(final_steps)
         if preset not in preset_names():
             raise ConfigError(f"Unknown preset {preset!r}; expected one of {comfy_presets()}.")
+        if interval > 0 and any(getattr(c, "refresh_tolerance", 0) > 0 for c in resolve_configs(preset, {})):
+            overrides["refresh_tolerance"] = 0.0  # a fixed interval replaces the adaptive schedule
         configs = resolve_configs(preset, overrides)
         return io.NodeOutput(accelerate_model(model, configs, scope=cache_scope, verbose=verbose))
 
