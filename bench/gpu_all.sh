@@ -11,7 +11,7 @@
 #                 log), if it finished (that is how the shipped wan_tiny was made)
 #   kernels.json, kernels.md, kernels.log
 #                 block-sparse kernel vs dense SDPA, 4k-75k tokens, d 64/128, densities 5-100 %,
-#                 SVG2 stage breakdown
+#                 SVG2 stage breakdown, k-means assignment (fused Triton kernel vs torch)
 #   e2e.json, e2e.log
 #                 `ditaccel bench` on flux_tiny at 65536 image tokens in bf16: the fast preset, each sparse
 #                 attention (defaults, and Re-ttention's long-sequence setting) and RAS against full
@@ -65,7 +65,7 @@ echo "[gpu_all] training done at +$(( $(date +%s) - T0 ))s" >> "$OUT/tests.log"
   stamp "kernels"
   timeout 160 $PY bench/kernels.py --device cuda --out "$OUT" --repeats 10 --heads 24 \
     --lengths 4096 16384 32768 75600 --head-dims 64 128 --densities 0.05 0.1 0.2 0.5 1.0 \
-    --svg2 --svg2-lengths 32768 75600
+    --svg2 --svg2-lengths 32768 75600 --kmeans
   echo "kernels exit $?"
   stamp "kernels done"
 } > "$OUT/kernels.log" 2>&1

@@ -6,13 +6,16 @@ sparse); speedup = dense time / sparse time.  Density 1.0 is the kernel's dense 
 kept).  --svg2 adds the SVG2 pipeline breakdown on clustered synthetic q/k/v: warm k-means (2
 iterations, Q and K), permutation (torch gather vs the csrc/ CUDA extension), block-index build
 (top-p cluster selection + query-block split), variable-block attention, against dense SDPA.
-Default output dir: bench/results/<gpu-name>/.
+--kmeans adds the k-means assignment step alone (fused Triton kernel vs torch bmm + argmax) at
+SVG2-like shapes: 24 heads, 32k points, 500 and 100 centroids, D=128, fp32 and bf16 (fp32 both with
+and without TF32); --kmeans-only runs just that.  Default output dir: bench/results/<gpu-name>/.
 
 CPU: PyTorch gather path vs dense SDPA at density 10%, 8k tokens, one thread; median of
 interleaved runs, wall and process CPU time.
 
     .venv/bin/python bench/kernels.py --device cpu
     python bench/kernels.py --device cuda --densities 0.05 0.1 0.2 0.3 0.5 1.0 --svg2
+    python bench/kernels.py --device cuda --kmeans-only
 """
 
 from __future__ import annotations
@@ -230,7 +233,54 @@ def bench_svg2_breakdown(args):
     return rows
 
 
+def _torch_assign(x, centroids):
+    """kmeans.assign's torch path: the (G, N, C) score tensor, then argmax."""
+    half_c2 = 0.5 * (centroids * centroids).sum(-1)
+    score = torch.bmm(x, centroids.transpose(1, 2))
+    score.sub_(half_c2.unsqueeze(1))
+    return score.argmax(-1)
 
+
+def bench_kmeans_assign(args):
+    """k-means assignment step: fused Triton kernel vs torch bmm + argmax (CUDA only)."""
+    from ditaccel.kernels.triton.kmeans_assign import kmeans_assign
+
+    rows = []
+    G, N, D = args.heads, args.kmeans_points, 128
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for C in (500, 100):
+            for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                x = _clustered(G, N, D, 2 * C, gen, dtype)
+                c = x[:, torch.randperm(N, device="cuda", generator=gen)[:C]].contiguous()
+                t_torch = _cuda_time(lambda: _torch_assign(x, c), args.repeats)
+                t_triton = _cuda_time(lambda: kmeans_assign(x, c), args.repeats)  # first call autotunes
+                agree = float((_torch_assign(x, c) == kmeans_assign(x, c)).float().mean())
+                # the torch path writes and reads back the (G, N, C) scores
+                score_bytes = 2 * G * N * C * torch.empty((), dtype=dtype).element_size()
+                row = dict(G=G, N=N, C=C, D=D, dtype=str(dtype).replace("torch.", ""), allow_tf32=tf32,
+                           torch_ms=t_torch * 1e3, triton_ms=t_triton * 1e3, speedup=t_torch / t_triton,
+                           label_agreement=agree, torch_score_traffic_gb=score_bytes / 1e9)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del x, c
+                torch.cuda.empty_cache()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    return rows
+
+
+def kmeans_markdown(rows):
+    lines = ["k-means assignment, median CUDA-event time", "",
+             "| G | N | C | D | dtype | TF32 | torch bmm+argmax ms | Triton ms | speedup | same labels |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['G']} | {r['N']} | {r['C']} | {r['D']} | {r['dtype']} | {r['allow_tf32']} | "
+                     f"{r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['label_agreement']:.2%} |")
+    return "\n".join(lines)
 
 
 def gpu_markdown(rows, meta):
@@ -262,6 +312,9 @@ def main(argv=None):
     p.add_argument("--cpu-head-dim", type=int, default=64)
     p.add_argument("--svg2", action="store_true", help="GPU: also time the SVG2 pipeline stages")
     p.add_argument("--svg2-lengths", type=int, nargs="+", default=[32768, 75600])
+    p.add_argument("--kmeans", action="store_true", help="GPU: also time the k-means assignment step")
+    p.add_argument("--kmeans-only", action="store_true", help="GPU: time only the k-means assignment step")
+    p.add_argument("--kmeans-points", type=int, default=32768, help="points per head for --kmeans")
     args = p.parse_args(argv)
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if on_gpu and not torch.cuda.is_available():
@@ -270,9 +323,30 @@ def main(argv=None):
     args.block = args.block or (128 if on_gpu else 64)
     args.repeats = max(3, args.repeats or (20 if on_gpu else 5))
 
+    if (args.kmeans or args.kmeans_only) and not on_gpu:
+        print("k-means assignment timing (--kmeans / --kmeans-only) needs CUDA; skipped on CPU.")
+        if args.kmeans_only:
+            return
+    if on_gpu and args.kmeans_only:
+        import triton
+
+        rows = bench_kmeans_assign(args)
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+        md = kmeans_markdown(rows)
+        out = args.out or Path(__file__).resolve().parent / "results" / re.sub(r"[^A-Za-z0-9_.-]+", "-",
+                                                                            meta["device"]).strip("-")
+        print(md)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kmeans_assign.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (out / "kmeans_assign.md").write_text(md + "\n")
+        print(f"wrote {out / 'kmeans_assign.json'} and {out / 'kmeans_assign.md'}")
+        return
     if on_gpu:
         rows, meta = bench_gpu(args)
         md = gpu_markdown(rows, meta)
+        if args.kmeans:
+            meta["kmeans_assign"] = bench_kmeans_assign(args)
+            md += "\n\n" + kmeans_markdown(meta["kmeans_assign"])
         if args.svg2:
             meta["svg2_breakdown"] = bench_svg2_breakdown(args)
             md += "\n\nSVG2 stages (ms): " + "\n".join(json.dumps(r) for r in meta["svg2_breakdown"])

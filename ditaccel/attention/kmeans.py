@@ -1,11 +1,14 @@
 """Batched k-means in torch (one independent problem per batch row, e.g. per (batch, head)).
 
-Runs on the tensors' device; assignments use ||c||² − 2·x·c (one batched matmul), updates use
-one flat index-add. Empty clusters keep their previous centroid. Used by SVG2 to cluster queries and keys
-per head; later denoising steps warm-start from the previous step's centroids.
+Runs on the tensors' device; assignments use ||c||² − 2·x·c (one batched matmul; on CUDA a fused
+Triton kernel, ditaccel/kernels/triton/kmeans_assign.py, that never materialises the (G, N, C)
+scores), updates use one flat index-add. Empty clusters keep their previous centroid. Used by SVG2
+to cluster queries and keys per head; later denoising steps warm-start from the previous step's centroids.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -22,8 +25,40 @@ def _check(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"kmeans needs k >= 1 clusters, got {k!r}.")
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_assign():
+    try:
+        from ditaccel.kernels.triton.kmeans_assign import kmeans_assign, supports
+    except ImportError:
+        return None
+    return kmeans_assign, supports
+
+
+_TRITON_ASSIGN_FAILED: list[str] = []
+
+
+def _disable_triton_assign(err: Exception) -> None:
+    """The fused kernel failed on this machine: warn once and use the torch path from now on."""
+    import warnings
+
+    _TRITON_ASSIGN_FAILED.append(f"{type(err).__name__}: {err}")
+    warnings.warn(f"ditaccel: the fused k-means assignment kernel failed ({_TRITON_ASSIGN_FAILED[0][:300]}); "
+                  "using the torch path (bmm + argmax) instead.", RuntimeWarning, stacklevel=3)
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid (G, N) for points x (G, N, D) and centroids (G, C, D)."""
+    """Nearest centroid (G, N) int64 for points x (G, N, D) and centroids (G, C, D).
+
+    CUDA tensors go to the fused Triton kernel when Triton is importable and the kernel takes the
+    inputs (fp32/fp16/bf16, D <= 256); otherwise (CPU, float64, ...) the torch path below runs.
+    """
+    if x.is_cuda and not _TRITON_ASSIGN_FAILED:
+        triton_fns = _triton_assign()
+        if triton_fns is not None and triton_fns[1](x, centroids):
+            try:
+                return triton_fns[0](x, centroids)
+            except Exception as err:  # noqa: BLE001 - a kernel that fails to build or launch here
+                _disable_triton_assign(err)
     # argmin_c ||x − c||² = argmax_c (x·c − ||c||²/2)
     half_c2 = 0.5 * (centroids * centroids).sum(-1)  # (G, C)
     score = torch.bmm(x, centroids.transpose(1, 2))
