@@ -40,7 +40,7 @@ use_vendored_comfyui()
 
 from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
 
-from ditaccel.config import resolve_configs  # noqa: E402
+from ditaccel.methods.configs import TaylorSeerConfig  # noqa: E402
 from ditaccel.methods.harmonica import HarmoniCaConfig  # noqa: E402
 from ditaccel.methods.harmonica_router import Router  # noqa: E402
 from ditaccel.methods.ras import RASConfig  # noqa: E402
@@ -119,9 +119,13 @@ def main() -> None:
     handles = [b.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1)) for b in blocks]
 
     variants = {"unpatched": model}
-    for preset in ("quality", "balanced", "fast"):  # TaylorSeer, module units (ditaccel/presets.py)
+    for preset in ("quality", "balanced", "fast"):  # TaylorSeer, block residuals, refresh-error schedule
         variants[f"ditaccel {preset}"] = DitAccelerate.execute(model, preset=preset).result[0]
-    variants["ditaccel fast (model scope)"] = accelerate_model(model, resolve_configs("fast", {}), scope="model")
+    for n in (3, 4, 6):  # the presets before the refresh-error schedule: module units, fixed interval
+        variants[f"ditaccel TaylorSeer module units, interval {n}"] = accelerate_model(
+            model, TaylorSeerConfig(interval=n, order=1, warmup_steps=3, final_steps=1, granularity="module"))
+    variants["ditaccel TaylorSeer interval 6 (model scope)"] = accelerate_model(
+        model, TaylorSeerConfig(interval=6, order=1, warmup_steps=3, final_steps=1), scope="model")
     variants["ditaccel StepCache interval 3"] = accelerate_model(model, StepCacheConfig(interval=3, warmup_steps=2))
     router = staggered_router(model, len(blocks), args.steps, Path(tempfile.mkdtemp()) / "router.safetensors")
     variants["ditaccel HarmoniCa (hand-made router)"] = accelerate_model(model, HarmoniCaConfig(router=router))

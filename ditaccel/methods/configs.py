@@ -100,7 +100,7 @@ class TaylorSeerConfig(MethodConfig):
     final_steps: int = 1
     granularity: str = "module"  # "module" (attention/MLP outputs before the gate) or "block"
     threshold: float = 0.0  # > 0: probe-block controller on the forecast error
-    refresh_tolerance: float = 0.0  # > 0: interval controller on the forecast error at full steps
+    refresh_tolerance: float = 0.0  # > 0: adaptive; full step when expected forecast errors add up to this
     max_consecutive_cached: int = 6
     formula: str = "newton"
     uncond_follows_cond: bool = True
