@@ -12,7 +12,7 @@ of 14 comparisons), and block granularity ran faster than per-module forecasting
 scored 3 dB higher on wan_tiny. Two warm-up steps suffice
 for ``balanced`` and ``fast``: until its first measurement the schedule forecasts from steps 0 and 1
 every ``interval`` (4) steps, and errors this early are mostly corrected by the later steps (same
-work, 1-4 dB higher than with 3 warm-up steps). Measured (full steps / PSNR; see docs/benchmarks.md
+work, 1.3-5 dB higher than with 3 warm-up steps). Measured (full steps / PSNR; see docs/benchmarks.md
 for speed):
 
 * quality  — tolerance 0.3, 3 warm-up steps: flux_tiny 28 steps 10 / 43.3 dB, 50 steps 13 / 45.8 dB;

@@ -20,7 +20,7 @@ replaced by the forecast's measured error, which costs nothing (TeaCache fits a 
 modulated-input distance per model; MagCache calibrates magnitude ratios per model). Until the first
 measurement (the second full step at full forecast order) ``interval`` is used.
 
-Adaptive schedule (``threshold > 0``): after warm-up, the first block of every step is computed
+Probe schedule (``threshold > 0``): after warm-up, the first block of every step is computed
 as a probe. Its residual r = output − input is compared with the reference the cache would use:
 for a reuse cache (Δ-Cache, order 0) the residual at the last full step, as FBCache/DBCache do;
 for TaylorSeer the Taylor forecast of r from the full steps, i.e. the forecast's own error on a

@@ -74,7 +74,7 @@ def flux_caches(R: dict) -> None:
 
     # reset across runs: 12 steps, 7 steps, then 12 again (same as the first and as a fresh node); the
     # node's interval input turns the preset's adaptive schedule into a fixed one
-    bal = run_node("DitAccelerate", model=m, preset="balanced", interval=4, warmup_steps=-1, final_steps=-1,
+    bal = run_node("DitAccelerate", model=m, preset="balanced", interval=4, warmup_steps=3, final_steps=-1,
                    cache_scope="auto", verbose=False)
     first = tiny.ksample(bal, pos, neg, lat, steps=12, cfg=2.0)
     s12 = last_stats(bal)
