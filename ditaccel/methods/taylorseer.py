@@ -17,7 +17,7 @@ spacing) is used instead. Units:
 Schedules (fixed / probe / refresh-error) and CFG branch handling: :mod:`ditaccel.methods.adaptive`.
 With ``threshold`` > 0 block 0 always runs as the probe and the error of its own forecast decides;
 with ``refresh_tolerance`` > 0 nothing extra runs: at each full step the units' forecasts for that
-step are compared with what was computed, and the error sets the next interval.
+step are compared with what was computed, and the error decides when the next full step comes.
 """
 
 from __future__ import annotations
