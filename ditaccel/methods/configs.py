@@ -88,10 +88,11 @@ class TaylorSeerConfig(MethodConfig):
     ``"newton"`` (interpolating polynomial over the actual full steps, exact for polynomials of
     degree ≤ order) or ``"taylor"`` (the paper's Σ d_i·k^i form). Adaptive schedules:
     ``refresh_tolerance`` > 0 — at each full step the forecast of that step is compared with what was
-    computed (relative L1 over all units, no extra compute) and the next interval is chosen so the
-    forecast error stays near the tolerance (``interval`` is the first guess, ``max_consecutive_cached``
-    + 1 the longest); ``threshold`` > 0 — block 0 is computed every step and the error of its own
-    Taylor forecast decides that step. At most one of the two.
+    computed (relative L1 over all units, no extra compute), giving the forecast's error per step of
+    distance; each later step is charged the error its forecast is expected to have, and the next full
+    step comes when the charges add up to the tolerance or after ``max_consecutive_cached`` cached
+    steps (``interval`` until the first measurement); ``threshold`` > 0 — block 0 is computed every
+    step and the error of its own Taylor forecast decides that step. At most one of the two.
     """
 
     interval: int = 4

@@ -74,7 +74,7 @@ class TaylorSeer(InstalledMethod):
                 runs.append(run)
         self.modules = ModuleCache(self.module_entries, "taylorseer.module", self._provide_module, self._record_module)
         self.segments = [
-            ProvidedResidualSegment(entries, f"taylorseer.blocks{i}", self._decide_segment, self._want_residual,
+            ProvidedResidualSegment(entries, f"taylorseer.blocks{i}", self._decide_segment, self._feeds_series,
                                     self._count_segment, self._provide_segment, self._record_segment)
             for i, entries in enumerate(runs)
         ]
@@ -176,7 +176,7 @@ class TaylorSeer(InstalledMethod):
         if self.controller.mode == CACHE and (self._branch, key) not in self._fallback_now:
             return
         self._fallback_now.discard((self._branch, key))
-        if self.config.interval > 1 or self.adaptive or self.config.refresh_tolerance > 0:
+        if self._feeds_series():
             self._update(key, list(tensors))
 
     # -- block-run units ---------------------------------------------------------------------------
@@ -189,7 +189,8 @@ class TaylorSeer(InstalledMethod):
             return True
         return False
 
-    def _want_residual(self) -> bool:
+    def _feeds_series(self) -> bool:
+        """Do full steps feed the series? Not for a fixed interval of 1 (nothing is ever forecast)."""
         return self.config.interval > 1 or self.adaptive or self.config.refresh_tolerance > 0
 
     def _count_segment(self, seg, computed: bool) -> None:

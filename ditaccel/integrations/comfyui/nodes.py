@@ -118,9 +118,10 @@ class DitAccelerate(io.ComfyNode):
             overrides["final_steps"] = int(final_steps)
         if preset not in preset_names():
             raise ConfigError(f"Unknown preset {preset!r}; expected one of {comfy_presets()}.")
-        if interval > 0 and any(getattr(c, "refresh_tolerance", 0) > 0 for c in resolve_configs(preset, {})):
-            overrides["refresh_tolerance"] = 0.0  # a fixed interval replaces the adaptive schedule
         configs = resolve_configs(preset, overrides)
+        if interval > 0:  # a fixed interval replaces the presets' adaptive schedule
+            configs = [c.replace(refresh_tolerance=0.0) if getattr(c, "refresh_tolerance", 0) > 0 else c
+                       for c in configs]
         return io.NodeOutput(accelerate_model(model, configs, scope=cache_scope, verbose=verbose))
 
 
