@@ -246,7 +246,7 @@ def our_methods():
         m[f"ditaccel TaylorSeer block N={n} O={o}"] = ("ours", ours(TaylorSeerConfig(interval=n, order=o,
                                                                                    granularity="block")))
     # the presets' schedule (refresh-error) over its tolerance, block and module units
-    for tol in (0.5, 1.0, 1.5, 2.0, 3.0):
+    for tol in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
         m[f"ditaccel TaylorSeer block refresh tol={tol}"] = ("ours", ours(TaylorSeerConfig(
             granularity="block", refresh_tolerance=tol, max_consecutive_cached=10)))
     for tol in (1.0, 2.0):

@@ -43,6 +43,6 @@ register_preset("quality", lambda: _taylorseer(0.3, warmup_steps=3),
                 "Smallest fidelity loss: TaylorSeer (block residuals, order 1), refresh-error schedule, tolerance 0.3.")
 register_preset("balanced", lambda: _taylorseer(0.6, warmup_steps=2),
                 "Default: TaylorSeer (block residuals, order 1), refresh-error schedule, tolerance 0.6.")
-register_preset("fast", lambda: _taylorseer(1.5, warmup_steps=2),
-                "Most speed: TaylorSeer (block residuals, order 1), refresh-error schedule, tolerance 1.5.")
+register_preset("fast", lambda: _taylorseer(2.0, warmup_steps=2),
+                "Most speed: TaylorSeer (block residuals, order 1), refresh-error schedule, tolerance 2.0.")
 register_preset("off", _none, "Hooks attached, nothing skipped (measures hook overhead; output bit-identical).")

@@ -46,16 +46,17 @@ def run(pipe, case: str = "flux", **kw) -> torch.Tensor:
 
 def caching_configs() -> list[tuple[str, object]]:
     """(id, config) of the caching methods available in this checkout: the plain step cache, the
-    "balanced" and "fast" presets (whatever method they name now; 3 warm-up steps), plus TaylorSeer / Delta-Cache
-    with their default configs when registered. Step counts in these tests are 6-10."""
-    # The presets with 3 warm-up steps: with their 2, steps 2-4 are forecast from steps 0 and 1 before
+    "balanced" and "fast" presets (whatever method they name now; 3 / 4 warm-up steps), plus TaylorSeer /
+    Delta-Cache with their default configs when registered. Step counts in these tests are 6-10."""
+    # More warm-up steps than the presets' 2: with 2, steps 2-4 are forecast from steps 0 and 1 before
     # the schedule has measured anything, which on these random models (30-46 % change per step) gives
-    # 3.7-4.1 % error at 8 steps with a LoRA, too close to the LoRA's own 13 % effect for a test whose
-    # bound must sit well below what it checks.
+    # 3.7-4.1 % error at 8 steps with a LoRA, too close to the LoRA's own 12-13 % effect for a test whose
+    # bound must sit well below what it checks. ``fast`` (tolerance 2.0) still reaches 3.6 % on SD3
+    # with 3 (5 of 8 steps computed), 1.0 % with 4.
     out: list[tuple[str, object]] = [
         ("StepCache", ditaccel.StepCacheConfig(interval=2, warmup_steps=2, final_steps=1)),
         ("preset-balanced", resolve_configs("balanced", {"warmup_steps": 3})[0]),
-        ("preset-fast", resolve_configs("fast", {"warmup_steps": 3})[0]),
+        ("preset-fast", resolve_configs("fast", {"warmup_steps": 4})[0]),
     ]
     names = registered_methods()
     for name in ("TaylorSeer", "DeltaCache"):
