@@ -1,6 +1,6 @@
 """Peer methods run by ``ditaccel bench --compare-peers`` on the same pipeline, seeds and run:
 diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache via ``transformer.enable_cache``)
-and cache-dit when it is importable. A peer that cannot run is reported with its error."""
+and cache-dit's DBCache, with and without its TaylorSeer calibrator, when it is importable. A peer that cannot run is reported with its error."""
 
 from __future__ import annotations
 
@@ -90,13 +90,11 @@ def _mag_cache() -> Peer:
     return peer
 
 
-def _cache_dit() -> Peer:
+def _import_cache_dit():
+    """cache-dit with its INFO logging (every step of its setup) turned down to warnings."""
+    import cache_dit  # noqa: PLC0415
+
     try:
-        import cache_dit  # noqa: PLC0415
-    except Exception as exc:  # noqa: BLE001
-        return Peer("cache-dit", "cache-dit (DBCache defaults)", lambda p, s: None, lambda p: None,
-                    error=f"not importable ({type(exc).__name__}: {exc}); `pip install cache-dit` to compare")
-    try:  # cache-dit logs every step of its setup at INFO: keep its warnings only
         import logging
 
         from cache_dit import logger as _cd_logger  # noqa: PLC0415
@@ -106,25 +104,45 @@ def _cache_dit() -> Peer:
             handler.setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001
         pass
+    return cache_dit
+
+
+def _cache_dit_peer(calibrated: bool) -> Peer:
+    label = "cache-dit:DBCache-F1B0" + ("+TaylorSeer" if calibrated else "")
+    try:
+        cache_dit = _import_cache_dit()
+    except Exception as exc:  # noqa: BLE001
+        return Peer(label, "cache-dit (DBCache)", lambda p, s: None, lambda p: None,
+                    error=f"not importable ({type(exc).__name__}: {exc}); `pip install cache-dit` to compare")
 
     def enable(pipe, steps):
         # The default DBCache (F8B0, 8 warm-up steps) needs >= 8 blocks in a stack; F1B0 is cache-dit's
         # first-block variant and fits any model. Same threshold as cache-dit's default (0.08).
         config = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.08,
                                          max_warmup_steps=min(8, max(1, steps // 4)), num_inference_steps=steps)
-        cache_dit.enable_cache(pipe, cache_config=config)
+        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if calibrated else None
+        cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
 
     def disable(pipe):
         cache_dit.disable_cache(pipe)
 
-    return Peer("cache-dit:DBCache-F1B0",
+    extra = ", TaylorSeerCalibratorConfig(order 1) on the cached residuals" if calibrated else ""
+    return Peer(label,
                 f"cache-dit {getattr(cache_dit, '__version__', '?')} DBCacheConfig(Fn=1, Bn=0, rdt=0.08, "
-                "warm-up min(8, steps/4)); on a deep copy of the pipeline, since its disable_cache does not "
-                "fully restore it (diffusers' FirstBlockCache fails on the same pipeline afterwards)",
+                f"warm-up min(8, steps/4)){extra}; on a deep copy of the pipeline, since its disable_cache does "
+                "not fully restore it (diffusers' FirstBlockCache fails on the same pipeline afterwards)",
                 enable, disable, isolated=True)
 
 
-PEER_FACTORIES = [_first_block_cache, _taylorseer_cache, _mag_cache, _cache_dit]
+def _cache_dit() -> Peer:
+    return _cache_dit_peer(calibrated=False)
+
+
+def _cache_dit_taylorseer() -> Peer:
+    return _cache_dit_peer(calibrated=True)
+
+
+PEER_FACTORIES = [_first_block_cache, _taylorseer_cache, _mag_cache, _cache_dit, _cache_dit_taylorseer]
 
 
 def build_peers() -> list[Peer]:

@@ -110,3 +110,31 @@ def test_bench_end_to_end_tiny(tmp_path):
             assert img.size[0] > 100 and img.size[1] > 100
     md = (tmp_path / "b.md").read_text()
     assert "ditaccel bench --model tiny:flux" in md and "| variant |" in md and "torch" in md
+
+
+@pytest.mark.timeout(600)
+def test_bench_compare_peers_runs_every_installed_peer(tmp_path):
+    """--compare-peers adds diffusers' FirstBlockCache / TaylorSeerCache / MagCache and cache-dit's
+    DBCache with and without its TaylorSeer calibrator to the same run; each runs (or, when its
+    library is missing, is reported unavailable with the reason) and gets speed and fidelity."""
+    proc = run_cli("bench", "--model", "tiny:flux", "--steps", "6", "--repeats", "1", "--presets", "off",
+                   "--compare-peers", "--no-progress", "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["label"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    peers = ["diffusers:FirstBlockCache", "diffusers:TaylorSeerCache", "diffusers:MagCache",
+             "cache-dit:DBCache-F1B0", "cache-dit:DBCache-F1B0+TaylorSeer"]
+    assert set(peers) <= set(rows), sorted(rows)
+    try:
+        import cache_dit  # noqa: F401
+        installed = set(peers)
+    except ImportError:
+        installed = set(peers[:3])
+    for label in peers:
+        row = rows[label]
+        if label not in installed:
+            assert row["status"] == "unavailable" and "pip install cache-dit" in row["error"]
+            continue
+        assert row["status"] == "ok", (label, row.get("error"))
+        assert row["cpu_median_s"] > 0 and 0 < row["ssim_image"] <= 1  # PSNR is null when identical (inf)
+    # the calibrated variant is its own configuration, not a second run of the plain one
+    assert "TaylorSeerCalibratorConfig" in rows["cache-dit:DBCache-F1B0+TaylorSeer"]["description"]
