@@ -9,7 +9,9 @@ For each intercepted scaled-dot-product attention it decides:
 
 * **dense** — the first ``dense_steps_fraction`` of the steps, the first ``dense_layers``
   attention layers, cross-attention (text keys, ``Lq != Lk`` or ``module.is_cross_attention``),
-  calls with an attention mask, calls whose token layout is unknown, and the one call of each
+  calls with an attention mask other than a text-padding mask (:mod:`ditaccel.attention.key_mask`:
+  every image key kept, the same text keys for every batch element; those run sparse with the
+  padding keys left out, exactly), calls whose token layout is unknown, and the one call of each
   input shape that the engine profiles for FLOPs (so ``flops_full`` is the dense count);
 * **sparse** — self-attention over image tokens, or joint attention over ``[text, image]`` /
   ``[image, text]``. Then the image queries go to the method (:meth:`sparse_image_attention`),
@@ -33,6 +35,7 @@ from ..hooks.method import SPARSE_ATTENTION, InstalledMethod
 from .block_sparse import block_sparse_attention
 from .cpu_flash import flash_attention_lse
 from .dispatch import AttentionSite, install_attention_router, remove_attention_router
+from .key_mask import TextKeyMask, read_text_key_mask
 from .reference import merge_attention_by_lse
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -201,6 +204,7 @@ class SparseAttentionMethod(InstalledMethod):
         self._density_sum = 0.0
         self._flops_attn_full = 0.0
         self._flops_attn_skipped = 0.0
+        self._mask_cache: dict = {}
 
     # -- InstalledMethod ------------------------------------------------------------------------
     def claims(self):
@@ -221,6 +225,7 @@ class SparseAttentionMethod(InstalledMethod):
         """Forget per-layer state (subclasses extend)."""
 
     def begin_call(self, call) -> None:
+        self._mask_cache = {}
         try:
             self._layout = infer_token_layout(self.engine.adapter, call.args, call.kwargs)
         except Exception:  # a layout we cannot read: every attention stays dense
@@ -228,6 +233,7 @@ class SparseAttentionMethod(InstalledMethod):
 
     def end_call(self, call, output: Any) -> Any:
         self._layout = None
+        self._mask_cache = {}
         return output
 
     def stats(self) -> dict[str, Any]:
@@ -275,41 +281,50 @@ class SparseAttentionMethod(InstalledMethod):
         engine_call = self.engine.current_call
         if engine_call is None:
             return None
-        if attn_mask is not None:
-            self.counters["dense_masked"] += 1
-            return None
         kind = self._classify(site, q, k)
         if isinstance(kind, str):
             self.counters[f"dense_{kind}"] += 1
             return None
         start, n = kind
         check_attention_inputs(q, k, v, self.name)
+        text_mask = None
+        if attn_mask is not None:
+            text_mask = self._text_key_mask(attn_mask, q, start, n)
+            if text_mask is None:  # not a text-padding mask: the model's own SDPA, with its mask
+                self.counters["dense_masked"] += 1
+                return None
         info = engine_call.info
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         call = AttentionCall(site, info.step, info.total_steps, info.branch, self._layout, start, n, scale)
         B, H, Lq, D = q.shape
         full_flops = 4.0 * B * H * Lq * k.shape[2] * D
         self._flops_attn_full += full_flops
+        # dense calls with a mask go to the model's own SDPA (None), which applies it
+        dense = (lambda: None) if attn_mask is not None else (lambda: self.dense_attention(call, q, k, v))
         if engine_call.profiler is not None:
             # The FLOP profile of this input shape is being taken: keep it the dense count.
             self.counters["dense_profiled"] += 1
-            return self.dense_attention(call, q, k, v)
+            return dense()
         if getattr(engine_call, "force_full", False):
             # The NaN/Inf guard's full re-run: dense, and the layer's per-step state (SVG2 centroids,
             # Re-ttention ratio/residual) is dropped so the next sparse step rebuilds it.
             self.counters["dense_forced"] += 1
             getattr(self, "_state", {}).pop(call.key, None)
-            return self.dense_attention(call, q, k, v)
+            return dense()
         if self.is_dense(call):
             self.counters["dense"] += 1
-            return self.dense_attention(call, q, k, v)
+            return dense()
         q_img, q_txt = split_image_text(q, call)
         k_img, k_txt = split_image_text(k, call)
         v_img, v_txt = split_image_text(v, call)
+        if text_mask is not None and text_mask.text_keep is not None:  # drop the padding text keys
+            k_txt, v_txt = k_txt.index_select(2, text_mask.text_keep), v_txt.index_select(2, text_mask.text_keep)
+            if k_txt.shape[2] == 0:
+                k_txt = v_txt = None
         result = self.sparse_image_attention(call, q_img, k_img, v_img, k_txt, v_txt)
         if result is None:
             self.counters["dense_fallback"] += 1
-            return self.dense_attention(call, q, k, v)
+            return dense()
         out_img, density_img = result  # density over (image queries) x (all keys)
         self.counters["sparse"] += 1
         self._density_sum += density_img
@@ -318,7 +333,8 @@ class SparseAttentionMethod(InstalledMethod):
         engine_call.skipped_flops += skipped
         if q_txt is None:
             return out_img.to(q.dtype)
-        out_txt = F.scaled_dot_product_attention(q_txt, k, v, scale=scale)
+        rows = None if text_mask is None else text_mask.text_rows
+        out_txt = F.scaled_dot_product_attention(q_txt, k, v, attn_mask=rows, scale=scale)
         out = torch.empty_like(q)
         out[:, :, start:start + n] = out_img
         if start > 0:
@@ -326,6 +342,16 @@ class SparseAttentionMethod(InstalledMethod):
         if start + n < Lq:
             out[:, :, start + n:] = out_txt[:, :, start:]
         return out
+
+    def _text_key_mask(self, attn_mask, q, start: int, n: int) -> TextKeyMask | None:
+        """:func:`read_text_key_mask`, once per mask tensor and transformer call (the blocks of a
+        model share one mask)."""
+        B, H, L = q.shape[:3]
+        key = (id(attn_mask), attn_mask._version, B, H, L, start, n)
+        cache = self._mask_cache
+        if key not in cache:
+            cache[key] = (attn_mask, read_text_key_mask(attn_mask, B, H, L, L, start, n))  # holds the mask: id stays valid
+        return cache[key][1]
 
     # -- for subclasses -------------------------------------------------------------------------
     def dense_attention(self, call: AttentionCall, q, k, v):

@@ -1,0 +1,129 @@
+"""Text-padding masks on the sparse path: which masks are read as "drop these text keys", and
+that sparse attention with them equals the model's own masked SDPA (HunyuanVideo and Qwen-Image
+pass such masks); everything else stays dense. Chroma (diffusers 0.42) hands SDPA the product of
+its float {0, 1} token masks, which SDPA adds to the scores: a +1 bias on the kept pairs, not a
+drop mask, so Chroma's calls stay dense and exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ditaccel
+from ditaccel.attention.key_mask import read_text_key_mask
+from helpers.tiny import call_kwargs, output_of, tiny_pipeline
+
+B, H, T, N = 2, 3, 5, 12  # batch, heads, text tokens, image tokens
+L = T + N
+
+
+def _key_mask(pad: int = 2, batch: int = B, text_first: bool = True) -> torch.Tensor:
+    """(batch, 1, 1, L) bool: the last ``pad`` text tokens masked, every image token kept."""
+    text = torch.ones(batch, T, dtype=torch.bool)
+    if pad:
+        text[:, -pad:] = False
+    image = torch.ones(batch, N, dtype=torch.bool)
+    keys = torch.cat([text, image] if text_first else [image, text], 1)
+    return keys[:, None, None, :]
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_key_padding_mask_gives_the_kept_text_keys(text_first):
+    start = T if text_first else 0
+    got = read_text_key_mask(_key_mask(2, text_first=text_first), B, H, L, L, start, N)
+    assert got is not None and got.text_keep.tolist() == [0, 1, 2]
+    assert got.text_rows is not None  # text queries get the mask itself
+
+
+def test_additive_float_masks_and_outer_product_masks():
+    keys = _key_mask(2)
+    additive = torch.zeros(keys.shape).masked_fill(~keys, float("-inf"))
+    assert read_text_key_mask(additive, B, H, L, L, T, N).text_keep.tolist() == [0, 1, 2]
+    finfo_min = torch.zeros(keys.shape).masked_fill(~keys, torch.finfo(torch.float32).min)
+    assert read_text_key_mask(finfo_min, B, H, L, L, T, N).text_keep.tolist() == [0, 1, 2]
+    # Chroma-style outer product (B, 1, L, L): padded query rows are all masked, image rows equal
+    outer = keys[:, :, 0, :, None] & keys
+    got = read_text_key_mask(outer, B, H, L, L, T, N)
+    assert got.text_keep.tolist() == [0, 1, 2] and got.text_rows.shape == (B, 1, T, L)
+    assert torch.equal(got.text_rows, outer[:, :, :T])
+
+
+def test_all_kept_and_image_only_calls():
+    assert read_text_key_mask(_key_mask(0), B, H, L, L, T, N).text_keep is None
+    only_image = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    got = read_text_key_mask(only_image, B, H, N, N, 0, N)
+    assert got is not None and got.text_keep is None and got.text_rows is None
+
+
+@pytest.mark.parametrize("what", ["masked image key", "per-batch text", "soft bias", "image rows differ",
+                                  "int mask", "wrong length", "cross attention"])
+def test_other_masks_are_not_taken(what):
+    keys = _key_mask(2)
+    lq = lk = L
+    if what == "masked image key":
+        keys = keys.clone()
+        keys[..., T + 3] = False
+    elif what == "per-batch text":
+        keys = keys.clone()
+        keys[1, ..., 1] = False
+    elif what == "soft bias":
+        keys = torch.zeros(keys.shape).masked_fill(~keys, float("-inf"))
+        keys[..., T] = -0.5
+    elif what == "image rows differ":
+        keys = keys.expand(B, 1, L, L).clone()
+        keys[:, :, T + 1, T + 2] = False
+    elif what == "int mask":
+        keys = keys.long()
+    elif what == "wrong length":
+        keys = keys[..., :-1]
+    elif what == "cross attention":
+        lk = L + 1
+    assert read_text_key_mask(keys, B, H, lq, lk, T, N) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# on models whose pipelines pass text-padding masks
+
+EXACT_SVG2 = ditaccel.SVG2Config(q_clusters=5, k_clusters=9, top_p=1.0, kmeans_iters_first=3, kmeans_iters=1,
+                                 dense_steps_fraction=0.0, dense_layers=0)
+MASK_ARG = {"hunyuan_video": "prompt_attention_mask", "qwenimage": "prompt_embeds_mask",
+            "chroma": "prompt_attention_mask"}
+
+
+def _masked_kwargs(case: str, batch: int, differ: bool) -> dict:
+    kw = call_kwargs(case, steps=3, batch=batch)
+    mask = kw[MASK_ARG[case]].clone()
+    mask[:, -3:] = 0  # three padding tokens
+    if differ:
+        mask[0, -4] = 0  # one more in the first prompt only
+    kw[MASK_ARG[case]] = mask
+    return kw
+
+
+@pytest.mark.parametrize("case", ["hunyuan_video", "qwenimage"])
+@pytest.mark.parametrize("config", [EXACT_SVG2, ditaccel.CLEARConfig(radius=100.0, dense_steps_fraction=0.0)],
+                         ids=["svg2_top_p_1", "clear_covering_radius"])
+def test_padded_prompts_run_sparse_and_equal_the_masked_model(case, config):
+    pipe = tiny_pipeline(case)
+    ref = output_of(case, pipe(**_masked_kwargs(case, 1, False)))
+    with ditaccel.enable_acceleration(pipe, config) as handle:
+        out = output_of(case, pipe(**_masked_kwargs(case, 1, False)))
+        stats = handle.stats()["methods"][config.method_name]
+    assert stats.get("sparse", 0) > 0 and stats.get("dense_masked", 0) == 0, stats
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # the padding keys matter: attending to them changes the output by far more than the tolerance
+    unmasked = _masked_kwargs(case, 1, False)
+    unmasked[MASK_ARG[case]] = torch.ones_like(unmasked[MASK_ARG[case]])
+    assert (output_of(case, pipe(**unmasked)) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["hunyuan_video", "qwenimage", "chroma"])
+def test_prompts_padded_differently_or_soft_masks_stay_dense(case):
+    """Per-prompt padding in one batch, and Chroma's additive {0, 1} mask: dense, the model's own SDPA."""
+    pipe = tiny_pipeline(case)
+    ref = output_of(case, pipe(**_masked_kwargs(case, 2, True)))
+    with ditaccel.enable_acceleration(pipe, EXACT_SVG2) as handle:
+        out = output_of(case, pipe(**_masked_kwargs(case, 2, True)))
+        stats = handle.stats()["methods"]["SVG2"]
+    assert stats.get("dense_masked", 0) > 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
