@@ -127,3 +127,39 @@ def test_prompts_padded_differently_or_soft_masks_stay_dense(case):
         stats = handle.stats()["methods"]["SVG2"]
     assert stats.get("dense_masked", 0) > 0
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lumina2: the joint rows hold [effective caption, image], padded at the end
+
+
+def _lumina2_kwargs(batch: int, valid: list[int]) -> dict:
+    kw = call_kwargs("lumina2", steps=3, batch=batch)
+    mask = torch.zeros_like(kw["prompt_attention_mask"])
+    for row, n in enumerate(valid):
+        mask[row, :n] = 1
+    kw["prompt_attention_mask"] = mask
+    return kw
+
+
+@pytest.mark.parametrize("config", [EXACT_SVG2, ditaccel.CLEARConfig(radius=100.0, dense_steps_fraction=0.0)],
+                         ids=["svg2_top_p_1", "clear_covering_radius"])
+def test_lumina2_rows_of_one_caption_length_run_sparse_and_exact(config):
+    pipe = tiny_pipeline("lumina2")
+    kw = _lumina2_kwargs(2, [3, 3])
+    ref = output_of("lumina2", pipe(**kw))
+    with ditaccel.enable_acceleration(pipe, config) as handle:
+        out = output_of("lumina2", pipe(**_lumina2_kwargs(2, [3, 3])))
+        stats = handle.stats()["methods"][config.method_name]
+    assert stats.get("sparse", 0) > 0 and stats.get("dense_unknown_layout", 0) == 0, stats
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lumina2_rows_of_different_caption_lengths_stay_dense():
+    pipe = tiny_pipeline("lumina2")
+    ref = output_of("lumina2", pipe(**_lumina2_kwargs(2, [2, 4])))
+    with ditaccel.enable_acceleration(pipe, EXACT_SVG2) as handle:
+        out = output_of("lumina2", pipe(**_lumina2_kwargs(2, [2, 4])))
+        stats = handle.stats()["methods"]["SVG2"]
+    assert stats.get("sparse", 0) == 0 and stats.get("dense_unknown_layout", 0) + stats.get("dense_masked", 0) > 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
