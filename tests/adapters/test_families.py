@@ -133,7 +133,10 @@ def test_token_layout_matches_the_real_call(case, cfg):
     assert layout.image_tokens == image_tokens
     assert layout.grid == grid
     assert layout.joint_order == adapter.joint_order
-    assert layout.text_tokens == (0 if case == "dit" else TEXT_TOKENS)
+    if case == "lumina2":  # the joint rows' text: the effective caption (mask sum, 5 of 6 tokens)
+        assert layout.text_tokens == TEXT_TOKENS - 1
+    else:
+        assert layout.text_tokens == (0 if case == "dit" else TEXT_TOKENS)
 
     # cross-check with what the blocks really receive
     first = adapter.block_groups[0]
@@ -141,7 +144,7 @@ def test_token_layout_matches_the_real_call(case, cfg):
     assert hidden.shape[0] == rows
     if case == "lumina2":
         # `layers` see [text, image]: the longest effective caption (mask sum, 5 of 6) + image tokens
-        assert hidden.shape[1] == (TEXT_TOKENS - 1) + image_tokens
+        assert hidden.shape[1] == layout.text_tokens + image_tokens
     else:
         assert hidden.shape[1] == image_tokens
     if first.io.encoder_arg:

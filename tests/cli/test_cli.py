@@ -136,5 +136,5 @@ def test_bench_compare_peers_runs_every_installed_peer(tmp_path):
             continue
         assert row["status"] == "ok", (label, row.get("error"))
         assert row["cpu_median_s"] > 0 and 0 < row["ssim_image"] <= 1  # PSNR is null when identical (inf)
-    # the calibrated variant is its own configuration, not a second run of the plain one
-    assert "TaylorSeerCalibratorConfig" in rows["cache-dit:DBCache-F1B0+TaylorSeer"]["description"]
+    if "cache-dit:DBCache-F1B0+TaylorSeer" in installed:  # its own configuration, not the plain one again
+        assert "TaylorSeerCalibratorConfig" in rows["cache-dit:DBCache-F1B0+TaylorSeer"]["description"]
