@@ -18,8 +18,9 @@ for speed):
 * quality  — tolerance 0.3, 3 warm-up steps: flux_tiny 28 steps 10 / 43.3 dB, 50 steps 13 / 45.8 dB;
   wan_tiny 10 / 40.7 dB;
 * balanced — tolerance 0.6, 2 warm-up steps: 8 / 40.4 dB, 10 / 37.2 dB; wan_tiny 8 / 35.8 dB;
-* fast     — tolerance 2.0, 2 warm-up steps: 6 / 31.0 dB, 8 / 35.6 dB; wan_tiny 6 / 30.9 dB (the fewest
-  full steps the cap allows at 28 steps; tolerance 1.5 computed 7 / 35.1 dB, 8 / 36.3 dB, 7 / 32.0 dB).
+* fast     — tolerance 2.0, 2 warm-up steps: 6 / 31.0 dB, 8 / 35.6 dB; wan_tiny 6 / 30.9 dB (tolerance
+  1.5 computed 7 / 35.1 dB, 8 / 36.3 dB, 7 / 32.0 dB; larger ones kept 6 / 8 / 6 steps at lower PSNR:
+  ``bench/refresh_sweep.py``).
 
 Speed against diffusers' and cache-dit's caches: docs/benchmarks.md.
 """
