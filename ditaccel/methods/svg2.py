@@ -8,7 +8,10 @@ is contiguous. The attention mass of a (query-cluster, key-cluster) pair is esti
 decreasing estimated mass until the cumulative share reaches ``top_p`` and at least
 ``min_density`` of the image keys are kept. The variable-size block-sparse kernel then attends
 each query cluster (split into pieces of at most ``block_size`` queries) to its kept key
-clusters, and the output is permuted back.
+clusters, and the output is permuted back. With ``reuse_steps`` = r > 0, each clustering step's
+permutation and selection serve the layer's next r sparse steps as well (no k-means there): the
+attention within the kept blocks stays exact for the new q/k/v, only the choice of blocks is r steps
+old. On a GPU k-means was ~80 % of SVG2's attention time at 32k tokens (docs/sparse_attention.md).
 
 Joint attention: the text keys are one always-kept set (merged by LSE with the sparse image part)
 and the text queries attend densely. Cross-attention stays dense (see ``SparseAttentionMethod``).
@@ -44,6 +47,9 @@ class SVG2Config(MethodConfig):
     dense_layers: int = 1
     block_size: int = 64  # query clusters are split into pieces of at most this many tokens
     seed: int = 0
+    # after each clustering step, the next ``reuse_steps`` sparse steps of a layer attend with its
+    # permutation and key-cluster selection as they are (no k-means, no selection, no index build)
+    reuse_steps: int = 0
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -58,6 +64,7 @@ class SVG2Config(MethodConfig):
         check_int(n, "dense_layers", self.dense_layers, minimum=0)
         check_int(n, "block_size", self.block_size, minimum=1)
         check_int(n, "seed", self.seed, minimum=0)
+        check_int(n, "reuse_steps", self.reuse_steps, minimum=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,19 +132,27 @@ def svg2_block_layout(order, count, q_offsets, k_offsets, n_tokens: int, block: 
 class SVG2State:
     q_centroids: torch.Tensor  # (B*H, Cq, D) float32
     k_centroids: torch.Tensor  # (B*H, Ck, D)
+    # the clustering's attention pattern, for steps that reuse it (``reuse_steps``)
+    perm_q: torch.Tensor | None = None  # (B, H, N)
+    perm_k: torch.Tensor | None = None
+    layout: tuple | None = None  # (kv_count, kv_index, piece offsets, key offsets), see svg2_block_layout
+    image_density: float = 1.0  # kept fraction of the (image query, image key) pairs
+    reused: int = 0  # steps this pattern has been reused for
 
     def nbytes(self) -> int:
-        return self.q_centroids.numel() * self.q_centroids.element_size() + \
-            self.k_centroids.numel() * self.k_centroids.element_size()
+        ts = [self.q_centroids, self.k_centroids, self.perm_q, self.perm_k, *(self.layout or ())]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top_p: float = 0.9,
                    min_density: float = 0.1, iters: int = 10, init: str = "random", state: SVG2State | None = None,
                    k_txt=None, v_txt=None, scale: float | None = None, block_size: int = 64,
-                   generator: torch.Generator | None = None):
+                   generator: torch.Generator | None = None, reuse: bool = False):
     """SVG2 attention of image queries q (B, H, N, D) over image keys k/v (B, H, N, D) plus the
     always-kept text keys k_txt/v_txt (B, H, T, D) if given.
 
+    ``reuse=True`` (with a ``state`` from an earlier call on the same shapes) skips clustering and
+    selection and attends with the state's permutation and block layout.
     Returns (out (B, H, N, D), lse (B, H, N) float32, density over all keys, new state).
     """
     check_attention_inputs(q, k, v, "SVG2")
@@ -146,6 +161,15 @@ def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top
         raise ValueError(f"SVG2: image queries and keys must be the same tokens (self-attention), got "
                          f"{N} queries and {k.shape[2]} keys.")
     scale = D ** -0.5 if scale is None else float(scale)
+    T = 0 if k_txt is None else k_txt.shape[2]
+    if reuse:
+        if state is None or state.layout is None:
+            raise ValueError("SVG2: reuse=True needs the state of an earlier svg2_attention call (its pattern).")
+        out, lse = _attend(q, k, v, state.perm_q, state.perm_k, state.layout, scale, block_size)
+        out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
+        density = (state.image_density * N + T) / (N + T)
+        state.reused += 1
+        return out, lse, density, state
     G = B * H
     qf, kf = q.reshape(G, N, D), k.reshape(G, N, D)
     cq, q_labels, q_sizes = kmeans(qf, q_clusters, iters, init, state.q_centroids if state else None, generator)
@@ -158,8 +182,8 @@ def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top
     # density: kept key tokens per query cluster, weighted by the cluster's size
     kept_tok = (torch.gather(k_sizes.unsqueeze(1).expand(G, Cq, Ck), -1, order)
                 * (torch.arange(Ck, device=q.device) < count.unsqueeze(-1))).sum(-1)
-    T = 0 if k_txt is None else k_txt.shape[2]
-    density = float(((q_sizes * kept_tok).sum() + G * N * T) / (G * N * (N + T)))
+    image_density = float((q_sizes * kept_tok).sum() / (G * N * N))
+    density = (image_density * N + T) / (N + T)
 
     perm_q = q_perm.reshape(B, H, N)
     perm_k = k_perm.reshape(B, H, N)
@@ -167,17 +191,19 @@ def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top
     P = kv_count.shape[1]
     layout = (kv_count.reshape(B, H, P), kv_index.reshape(B, H, P, Ck), p_off.reshape(B, H, P + 1),
               k_off.reshape(B, H, Ck + 1))
+    out, lse = _attend(q, k, v, perm_q, perm_k, layout, scale, block_size)
+    out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
+    return out, lse, density, SVG2State(cq, ck, perm_q, perm_k, layout, image_density)
+
+
+def _attend(q, k, v, perm_q, perm_k, layout, scale: float, block_size: int):
+    """Block-sparse attention over the permuted tokens; (out, lse) in token order."""
     if not q.is_cuda:
         # CPU gather path: reads q/k/v through the permutations, returns out/lse in token order
-        out, lse = block_sparse_attention_torch(q, k, v, *layout, scale=scale, q_perm=perm_q, k_perm=perm_k)
-    else:
-        out_p, lse_p = run_block_sparse(permute_tokens(q, perm_q), permute_tokens(k, perm_k),
-                                        permute_tokens(v, perm_k), *layout, scale=scale,
-                                        max_q_block_size=block_size)
-        out = unpermute_tokens(out_p, perm_q)
-        lse = unpermute_tokens(lse_p.unsqueeze(-1), perm_q).squeeze(-1)
-    out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
-    return out, lse, density, SVG2State(cq, ck)
+        return block_sparse_attention_torch(q, k, v, *layout, scale=scale, q_perm=perm_q, k_perm=perm_k)
+    out_p, lse_p = run_block_sparse(permute_tokens(q, perm_q), permute_tokens(k, perm_k), permute_tokens(v, perm_k),
+                                    *layout, scale=scale, max_q_block_size=block_size)
+    return unpermute_tokens(out_p, perm_q), unpermute_tokens(lse_p.unsqueeze(-1), perm_q).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,14 +233,16 @@ class SVG2(SparseAttentionMethod):
                                   or state.q_centroids.shape[-1] != q_img.shape[-1]):
             state = None
         warm = state is not None
+        reuse = warm and state.reused < c.reuse_steps and state.perm_q is not None \
+            and state.perm_q.shape == q_img.shape[:3]
         iters = c.kmeans_iters if warm else c.kmeans_iters_first
         out, _, density, state = svg2_attention(
             q_img, k_img, v_img, q_clusters=c.q_clusters, k_clusters=c.k_clusters, top_p=c.top_p,
             min_density=c.min_density, iters=iters, init=c.kmeans_init, state=state, k_txt=k_txt, v_txt=v_txt,
-            scale=call.scale, block_size=c.block_size, generator=self._gen(q_img.device),
+            scale=call.scale, block_size=c.block_size, generator=self._gen(q_img.device), reuse=reuse,
         )
         self._state[call.key] = state
-        self.counters["kmeans_warm" if warm else "kmeans_first"] += 1
+        self.counters["pattern_reused" if reuse else "kmeans_warm" if warm else "kmeans_first"] += 1
         return out, density
 
     def bytes_held(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -240,3 +241,44 @@ def test_runs_on_every_family(case):
     assert torch.isfinite(out).all()
     if s.get("sparse"):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# reusing a clustering step's pattern (reuse_steps)
+
+
+def test_reused_pattern_attends_exactly_within_its_blocks_on_new_inputs():
+    q, k, v = clustered_qkv(1, 2, 300, 16, seed=3)
+    _, _, _, state = svg2_attention(q, k, v, q_clusters=8, k_clusters=12, top_p=1.0, iters=5,
+                                    generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(9)
+    q2, k2, v2 = (x + 0.3 * torch.randn(x.shape, generator=g) for x in (q, k, v))
+    out, lse, density, state2 = svg2_attention(q2, k2, v2, state=state, reuse=True, top_p=1.0)
+    ref_out, ref_lse = attention_with_lse(q2.double(), k2.double(), v2.double(), 16 ** -0.5)
+    assert state2 is state and state.reused == 1 and density == pytest.approx(1.0)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_reused_pattern_keeps_the_clustering_steps_blocks():
+    q, k, v = clustered_qkv(1, 2, 400, 16, seed=4)
+    kt, vt = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    out1, _, d1, state = svg2_attention(q, k, v, q_clusters=8, k_clusters=16, top_p=0.6, min_density=0.0, iters=5,
+                                        k_txt=kt, v_txt=vt, generator=torch.Generator().manual_seed(0))
+    assert d1 < 0.9
+    out2, _, d2, _ = svg2_attention(q, k, v, state=state, reuse=True, k_txt=kt, v_txt=vt)
+    assert d2 == pytest.approx(d1)
+    torch.testing.assert_close(out2, out1)  # same inputs, same pattern: the same result
+    with pytest.raises(ValueError, match="reuse=True needs the state"):
+        svg2_attention(q, k, v, reuse=True)
+
+
+def test_reuse_steps_on_a_model_skip_kmeans_and_stay_exact_at_top_p_one():
+    config = dataclasses.replace(EXACT, reuse_steps=2)
+    ref, out, stats = _run("flux", config, steps=6, size=(48, 48))
+    s = stats["methods"]["SVG2"]
+    # per layer: clustering, 2 reuses, clustering, 2 reuses ... over the sparse steps
+    assert s["pattern_reused"] > 0 and s["pattern_reused"] >= s.get("kmeans_warm", 0)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ditaccel.ConfigError, match="reuse_steps"):
+        ditaccel.SVG2Config(reuse_steps=-1)
