@@ -15,7 +15,7 @@
 #   e2e.json, e2e.log
 #                 `ditaccel bench` on flux_tiny at 65536 image tokens in bf16: the fast preset, each sparse
 #                 attention (defaults, and Re-ttention's long-sequence setting) and RAS against full
-#                 compute (speed + PSNR/SSIM)
+#                 compute (speed + PSNR/SSIM); SVG2 also with reuse_steps 2 and 4 (k-means on 1 step in 3 / 5)
 # Stages that time things run alone on the GPU; training overlaps only the (untimed) tests.
 set -u
 OUT=${1:?usage: bash bench/gpu_all.sh OUTDIR [--train-wan]}
@@ -75,7 +75,7 @@ echo "[gpu_all] training done at +$(( $(date +%s) - T0 ))s" >> "$OUT/tests.log"
   stamp "e2e"
   timeout 200 $PY -m ditaccel.cli.main bench --device cuda --dtype bfloat16 --model flux_tiny --tokens 65536 \
     --batch 1 --steps 28 --repeats 3 --presets fast \
-    --methods "SVG2" "CLEAR:radius=16,mode=blocks" "Rettention" \
+    --methods "SVG2" "SVG2:reuse_steps=2" "SVG2:reuse_steps=4" "CLEAR:radius=16,mode=blocks" "Rettention" \
               "Rettention:keep_fraction=0.01,refresh_interval=12,dense_steps_fraction=0.15" \
               "RAS:active_fraction=0.25" \
     --no-progress --json "$OUT/e2e.json"
