@@ -9,9 +9,9 @@ For each intercepted scaled-dot-product attention it decides:
 
 * **dense** — the first ``dense_steps_fraction`` of the steps, the first ``dense_layers``
   attention layers, cross-attention (text keys, ``Lq != Lk`` or ``module.is_cross_attention``),
-  calls with an attention mask other than a text-padding mask (:mod:`ditaccel.attention.key_mask`:
-  every image key kept, the same text keys for every batch element; those run sparse with the
-  padding keys left out, exactly), calls whose token layout is unknown, and the one call of each
+  calls with an attention mask other than a mask / bias on the text keys (:mod:`ditaccel.attention.key_mask`:
+  those run sparse and exact, the padding text keys left out or their bias added to the text
+  part), calls whose token layout is unknown, and the one call of each
   input shape that the engine profiles for FLOPs (so ``flops_full`` is the dense count);
 * **sparse** — self-attention over image tokens, or joint attention over ``[text, image]`` /
   ``[image, text]``. Then the image queries go to the method (:meth:`sparse_image_attention`),
@@ -84,6 +84,9 @@ class AttentionCall:
     image_start: int  # image tokens are q/k/v[:, :, image_start:image_start + image_tokens]
     image_tokens: int
     scale: float
+    # additive bias on the text keys' scores for the image queries (B | 1, H | 1, 1, T) float32, from a
+    # mask (ditaccel.attention.key_mask); None: none. Only for methods with supports_text_bias.
+    text_bias: torch.Tensor | None = None
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -137,16 +140,18 @@ def run_block_sparse(q, k, v, kv_count, kv_index, q_offsets=None, k_offsets=None
                                   max_q_block_size=max_q_block_size)
 
 
-def attention_with_lse(q, k, v, scale: float, chunk_elements: int = 1 << 22):
+def attention_with_lse(q, k, v, scale: float, chunk_elements: int = 1 << 22, bias=None):
     """Dense attention that also returns the natural-log LSE (B, H, Lq) in float32.
 
-    Query chunks keep the score tensor under ``chunk_elements`` floats. Used for the (short) text
-    keys of joint attention and as the exact reference in tests.
+    ``bias``: None, or an additive float bias broadcastable to (B, H, 1, Lk) (the same for every
+    query; finite). Query chunks keep the score tensor under ``chunk_elements`` floats. Used for
+    the (short) text keys of joint attention and as the exact reference in tests.
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if Lk > 0 and v.shape[-1] == D:
-        fused = flash_attention_lse(q, k, v, None, scale)  # CPU: torch's fused flash kernel
+        fb = None if bias is None else bias.to(q.dtype).expand(B, H, Lq, Lk)
+        fused = flash_attention_lse(q, k, v, fb, scale)  # CPU: torch's fused flash kernel
         if fused is not None:
             return fused[0], fused[1] if q.dtype == torch.float64 else fused[1].float()
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -157,6 +162,8 @@ def attention_with_lse(q, k, v, scale: float, chunk_elements: int = 1 << 22):
     vc = v.to(ct)
     for i in range(0, Lq, step):
         s = torch.matmul(q[:, :, i:i + step].to(ct), kt).mul_(scale)
+        if bias is not None:
+            s = s.add_(bias.to(ct))
         m = s.amax(-1, keepdim=True)
         p = s.sub_(m).exp_()
         l_ = p.sum(-1, keepdim=True)
@@ -165,11 +172,12 @@ def attention_with_lse(q, k, v, scale: float, chunk_elements: int = 1 << 22):
     return out, lse
 
 
-def with_text_keys(out_img, lse_img, q_img, k_txt, v_txt, scale):
-    """Merge a partial attention over image keys with dense attention over the text keys."""
+def with_text_keys(out_img, lse_img, q_img, k_txt, v_txt, scale, bias=None):
+    """Merge a partial attention over image keys with dense attention over the text keys (plus
+    their additive ``bias`` (B | 1, H | 1, 1, T), see :mod:`ditaccel.attention.key_mask`)."""
     if k_txt is None or k_txt.shape[2] == 0:
         return out_img, lse_img
-    out_t, lse_t = attention_with_lse(q_img, k_txt, v_txt, scale)
+    out_t, lse_t = attention_with_lse(q_img, k_txt, v_txt, scale, bias=bias)
     return merge_attention_by_lse(out_img, lse_img, out_t, lse_t)
 
 
@@ -194,6 +202,8 @@ class SparseAttentionMethod(InstalledMethod):
     :meth:`dense_attention` to observe dense calls, e.g. to cache statistics)."""
 
     hook_name = "sparse_attention"
+    # whether sparse_image_attention applies ``call.text_bias``; calls that carry one stay dense otherwise
+    supports_text_bias = False
 
     def __init__(self, engine, config):
         super().__init__(engine, config)
@@ -290,12 +300,13 @@ class SparseAttentionMethod(InstalledMethod):
         text_mask = None
         if attn_mask is not None:
             text_mask = self._text_key_mask(attn_mask, q, start, n)
-            if text_mask is None:  # not a text-padding mask: the model's own SDPA, with its mask
-                self.counters["dense_masked"] += 1
+            if text_mask is None or (text_mask.text_bias is not None and not self.supports_text_bias):
+                self.counters["dense_masked"] += 1  # the model's own SDPA, with its mask
                 return None
         info = engine_call.info
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        call = AttentionCall(site, info.step, info.total_steps, info.branch, self._layout, start, n, scale)
+        call = AttentionCall(site, info.step, info.total_steps, info.branch, self._layout, start, n, scale,
+                             text_bias=None if text_mask is None else text_mask.text_bias)
         B, H, Lq, D = q.shape
         full_flops = 4.0 * B * H * Lq * k.shape[2] * D
         self._flops_attn_full += full_flops

@@ -90,9 +90,10 @@ def block_layout(grid: tuple[int, ...], radii: tuple[float, ...], tile: tuple[in
 
 
 def clear_attention(q, k, v, grid: tuple[int, ...], radii, *, k_txt=None, v_txt=None, scale: float | None = None,
-                    mode: str = "exact", tile: tuple[int, ...] | None = None):
+                    mode: str = "exact", tile: tuple[int, ...] | None = None, txt_bias=None):
     """CLEAR attention of image queries q (B, H, N, D) over image keys (raster order on ``grid``)
-    plus the text keys k_txt/v_txt. Returns (out, lse float32 (B, H, N), density over all keys)."""
+    plus the text keys k_txt/v_txt (with the additive ``txt_bias`` on their scores, if given).
+    Returns (out, lse float32 (B, H, N), density over all keys)."""
     check_attention_inputs(q, k, v, "CLEAR")
     B, H, N, D = q.shape
     grid = tuple(int(g) for g in grid)
@@ -107,8 +108,9 @@ def clear_attention(q, k, v, grid: tuple[int, ...], radii, *, k_txt=None, v_txt=
     T = 0 if k_txt is None else k_txt.shape[2]
     if mode == "exact":
         kept = plan.pairs
-        fused = window_attention_fused(q, k, v, plan, scale, k_txt, v_txt)
-        if fused is not None:  # CPU: fused kernel, text keys already included
+        # CPU: fused kernel with the text keys inside the windows (no text bias there)
+        fused = window_attention_fused(q, k, v, plan, scale, k_txt, v_txt) if txt_bias is None else None
+        if fused is not None:
             density = (kept + N * T) / (N * (N + T))
             return fused[0], fused[1], density
         out, lse = window_attention(q, k, v, plan, scale)
@@ -125,12 +127,14 @@ def clear_attention(q, k, v, grid: tuple[int, ...], radii, *, k_txt=None, v_txt=
         lse = unpermute_tokens(lse_p.unsqueeze(-1), perm).squeeze(-1)
     else:
         raise ValueError(f"CLEAR mode must be one of {MODES}, got {mode!r}.")
-    out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
+    out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale, txt_bias)
     density = (kept + N * T) / (N * (N + T))
     return out, lse, density
 
 
 class CLEAR(SparseAttentionMethod):
+    supports_text_bias = True
+
     def sparse_image_attention(self, call, q_img, k_img, v_img, k_txt, v_txt):
         grid = call.grid
         if len(grid) < 2:
@@ -140,7 +144,7 @@ class CLEAR(SparseAttentionMethod):
         c = self.config
         tile = c.tile if c.tile is not None and len(c.tile) == len(grid) else None
         out, _, density = clear_attention(q_img, k_img, v_img, grid, c.radii(len(grid)), k_txt=k_txt, v_txt=v_txt,
-                                          scale=call.scale, mode=c.mode, tile=tile)
+                                          scale=call.scale, mode=c.mode, tile=tile, txt_bias=call.text_bias)
         return out, density
 
 

@@ -168,11 +168,12 @@ class RettentionState:
 def rettention_attention(q, k, v, grid, *, keep_fraction: float = 0.03, state: RettentionState | None = None,
                          refresh: bool = False, step: int = 0, correction: str = "ratio", residual: bool = True,
                          ratio_drift: float = 0.0, k_txt=None, v_txt=None, scale: float | None = None,
-                         tile: tuple[int, ...] | None = None):
+                         tile: tuple[int, ...] | None = None, txt_bias=None):
     """Re-ttention for image queries q (B, H, N, D) over image keys on ``grid`` plus text keys.
 
     Returns (out, density over all keys, new state). ``refresh`` (or no ``state``) computes full
     attention and returns a fresh state; otherwise the sparse output is corrected with ``state``.
+    ``txt_bias``: additive bias on the text keys' scores (see ``with_text_keys``).
     """
     check_attention_inputs(q, k, v, "Re-ttention")
     B, H, N, D = q.shape
@@ -182,7 +183,7 @@ def rettention_attention(q, k, v, grid, *, keep_fraction: float = 0.03, state: R
     scale = D ** -0.5 if scale is None else float(scale)
     T = 0 if k_txt is None else k_txt.shape[2]
     fused = None
-    if flash_available(q):  # CPU: gathered nearest tiles (text keys included), fused kernel, no permutation
+    if flash_available(q) and txt_bias is None:  # CPU: gathered nearest tiles (text keys included), fused kernel
         gp = nearest_gather_plan(tuple(int(g) for g in grid), float(keep_fraction), tile, T, q.dtype, q.device)
         fused = gathered_attention(q, k, v, gp, scale, k_txt, v_txt)
     if fused is not None:
@@ -191,7 +192,7 @@ def rettention_attention(q, k, v, grid, *, keep_fraction: float = 0.03, state: R
         lay = local_layout(tuple(grid), keep_fraction, B, H, q.device, tile)
         kept_pairs = lay.kept_pairs
         out_s, lse_s = local_sparse_attention(q, k, v, lay, scale)
-        out_s, lse_s = with_text_keys(out_s, lse_s, q, k_txt, v_txt, scale)
+        out_s, lse_s = with_text_keys(out_s, lse_s, q, k_txt, v_txt, scale, txt_bias)
     if refresh or state is None:
         if q.is_cuda and lay is not None:
             out_c, lse_c = local_sparse_attention(q, k, v, lay, scale, complement=True)
@@ -199,7 +200,9 @@ def rettention_attention(q, k, v, grid, *, keep_fraction: float = 0.03, state: R
         else:
             k_all = k if k_txt is None else torch.cat([k, k_txt], 2)
             v_all = v if v_txt is None else torch.cat([v, v_txt], 2)
-            out_f, lse_f = attention_with_lse(q, k_all, v_all, scale)
+            bias = None if txt_bias is None else torch.cat(
+                [txt_bias.new_zeros(*txt_bias.shape[:3], N), txt_bias], dim=-1)  # image keys: no bias
+            out_f, lse_f = attention_with_lse(q, k_all, v_all, scale, bias=bias)
         ratio = torch.exp(lse_s.float() - lse_f.float()).clamp_(max=1.0)
         res = (out_f.float() - ratio.unsqueeze(-1) * out_s.float()).to(q.dtype) if residual else None
         return out_f, 1.0, RettentionState(step, lse_f.float(), ratio, res)
@@ -221,6 +224,8 @@ def rettention_attention(q, k, v, grid, *, keep_fraction: float = 0.03, state: R
 
 
 class Rettention(SparseAttentionMethod):
+    supports_text_bias = True
+
     def __init__(self, engine, config: RettentionConfig):
         super().__init__(engine, config)
         self._state: dict = {}
@@ -239,7 +244,7 @@ class Rettention(SparseAttentionMethod):
         out, density, state = rettention_attention(
             q_img, k_img, v_img, grid, keep_fraction=c.keep_fraction, state=state, refresh=refresh, step=call.step,
             correction=c.correction, residual=c.residual, ratio_drift=c.ratio_drift, k_txt=k_txt, v_txt=v_txt,
-            scale=call.scale, tile=tile,
+            scale=call.scale, tile=tile, txt_bias=call.text_bias,
         )
         self._state[call.key] = state
         self.counters["refresh" if refresh else "corrected"] += 1

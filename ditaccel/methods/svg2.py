@@ -147,12 +147,13 @@ class SVG2State:
 def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top_p: float = 0.9,
                    min_density: float = 0.1, iters: int = 10, init: str = "random", state: SVG2State | None = None,
                    k_txt=None, v_txt=None, scale: float | None = None, block_size: int = 64,
-                   generator: torch.Generator | None = None, reuse: bool = False):
+                   generator: torch.Generator | None = None, reuse: bool = False, txt_bias=None):
     """SVG2 attention of image queries q (B, H, N, D) over image keys k/v (B, H, N, D) plus the
     always-kept text keys k_txt/v_txt (B, H, T, D) if given.
 
     ``reuse=True`` (with a ``state`` from an earlier call on the same shapes) skips clustering and
-    selection and attends with the state's permutation and block layout.
+    selection and attends with the state's permutation and block layout. ``txt_bias``: additive
+    bias on the text keys' scores (see ``with_text_keys``).
     Returns (out (B, H, N, D), lse (B, H, N) float32, density over all keys, new state).
     """
     check_attention_inputs(q, k, v, "SVG2")
@@ -166,7 +167,7 @@ def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top
         if state is None or state.layout is None:
             raise ValueError("SVG2: reuse=True needs the state of an earlier svg2_attention call (its pattern).")
         out, lse = _attend(q, k, v, state.perm_q, state.perm_k, state.layout, scale, block_size)
-        out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
+        out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale, txt_bias)
         density = (state.image_density * N + T) / (N + T)
         state.reused += 1
         return out, lse, density, state
@@ -192,7 +193,7 @@ def svg2_attention(q, k, v, *, q_clusters: int = 100, k_clusters: int = 500, top
     layout = (kv_count.reshape(B, H, P), kv_index.reshape(B, H, P, Ck), p_off.reshape(B, H, P + 1),
               k_off.reshape(B, H, Ck + 1))
     out, lse = _attend(q, k, v, perm_q, perm_k, layout, scale, block_size)
-    out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale)
+    out, lse = with_text_keys(out, lse, q, k_txt, v_txt, scale, txt_bias)
     return out, lse, density, SVG2State(cq, ck, perm_q, perm_k, layout, image_density)
 
 
@@ -211,6 +212,8 @@ def _attend(q, k, v, perm_q, perm_k, layout, scale: float, block_size: int):
 
 
 class SVG2(SparseAttentionMethod):
+    supports_text_bias = True
+
     def __init__(self, engine, config: SVG2Config):
         super().__init__(engine, config)
         self._state: dict = {}
@@ -240,6 +243,7 @@ class SVG2(SparseAttentionMethod):
             q_img, k_img, v_img, q_clusters=c.q_clusters, k_clusters=c.k_clusters, top_p=c.top_p,
             min_density=c.min_density, iters=iters, init=c.kmeans_init, state=state, k_txt=k_txt, v_txt=v_txt,
             scale=call.scale, block_size=c.block_size, generator=self._gen(q_img.device), reuse=reuse,
+            txt_bias=call.text_bias,
         )
         self._state[call.key] = state
         self.counters["pattern_reused" if reuse else "kmeans_warm" if warm else "kmeans_first"] += 1
