@@ -35,7 +35,7 @@ class TextKeyMask:
 
     text_keep: torch.Tensor | None  # indices of the kept text keys (in text order); None = all kept
     text_rows: torch.Tensor | None  # the mask for the text queries' dense SDPA (None: no text queries)
-    text_bias: torch.Tensor | None = None  # (B | 1, H | 1, 1, T) float32 on the kept text keys' scores
+    text_bias: torch.Tensor | None = None  # (B | 1, H | 1, 1, T) float32 added to the text keys' scores
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor | None:
