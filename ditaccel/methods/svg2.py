@@ -245,6 +245,10 @@ class SVG2(SparseAttentionMethod):
             scale=call.scale, block_size=c.block_size, generator=self._gen(q_img.device), reuse=reuse,
             txt_bias=call.text_bias,
         )
+        if c.reuse_steps == 0 and state.layout is not None:
+            # only the centroids warm-start the next step; the pattern (permutations and the block
+            # layout, tens of MB per layer at video lengths) is kept only when it will be reused
+            state = SVG2State(state.q_centroids, state.k_centroids)
         self._state[call.key] = state
         self.counters["pattern_reused" if reuse else "kmeans_warm" if warm else "kmeans_first"] += 1
         return out, density
