@@ -44,13 +44,15 @@ def _additive(mask: torch.Tensor) -> torch.Tensor | None:
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
     if not mask.is_floating_point():
         return None
-    return mask.float().clamp(min=MASKED_BELOW) if mask.dtype != torch.float32 else mask.clamp(min=MASKED_BELOW)
+    return mask.float().clamp(min=MASKED_BELOW)
 
 
-def _split_tokens(x: torch.Tensor, start: int, n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image part, text part) of ``x`` along ``dim`` for image tokens [start, start + n)."""
+def split_tokens(x: torch.Tensor, start: int, n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image part, text part) of ``x`` along ``dim`` for image tokens [start, start + n); the text
+    part is the tokens before and after them, in order (a view when they lie on one side)."""
     img = x.narrow(dim, start, n)
-    txt = torch.cat([x.narrow(dim, 0, start), x.narrow(dim, start + n, x.shape[dim] - start - n)], dim=dim)
+    before, after = x.narrow(dim, 0, start), x.narrow(dim, start + n, x.shape[dim] - start - n)
+    txt = after if start == 0 else before if start + n == x.shape[dim] else torch.cat([before, after], dim=dim)
     return img, txt
 
 
@@ -72,13 +74,13 @@ def read_text_key_mask(mask, batch: int, heads: int, lq: int, lk: int, image_sta
         keys = add[:, :, 0]
         text_rows = mask if has_text_queries else None
     else:
-        img_rows, _ = _split_tokens(add, s, n, dim=2)
+        img_rows = add.narrow(2, s, n)
         if not bool((img_rows == img_rows[:, :, :1]).all()):
             return None
         keys = img_rows[:, :, 0]
         shaped = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        text_rows = _split_tokens(shaped, s, n, dim=2)[1] if has_text_queries else None
-    img_keys, text_keys = _split_tokens(keys, s, n, dim=2)
+        text_rows = split_tokens(shaped, s, n, dim=2)[1] if has_text_queries else None
+    img_keys, text_keys = split_tokens(keys, s, n, dim=2)
     level = img_keys[:, :, :1]  # the image keys' common value, per row
     if not bool((img_keys == level).all()) or not bool((level > MASKED_BELOW).all()):
         return None

@@ -35,7 +35,7 @@ from ..hooks.method import SPARSE_ATTENTION, InstalledMethod
 from .block_sparse import block_sparse_attention
 from .cpu_flash import flash_attention_lse
 from .dispatch import AttentionSite, install_attention_router, remove_attention_router
-from .key_mask import TextKeyMask, read_text_key_mask
+from .key_mask import TextKeyMask, read_text_key_mask, split_tokens
 from .reference import merge_attention_by_lse
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -100,13 +100,8 @@ class AttentionCall:
 
 
 def split_image_text(x: torch.Tensor, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-    s, n = call.image_start, call.image_tokens
-    img = x[:, :, s:s + n]
-    if x.shape[2] == n:
-        return img, None
-    txt = torch.cat([x[:, :, :s], x[:, :, s + n:]], dim=2) if s > 0 and s + n < x.shape[2] else (
-        x[:, :, :s] if s > 0 else x[:, :, n:])
-    return img, txt
+    img, txt = split_tokens(x, call.image_start, call.image_tokens, dim=2)
+    return img, (txt if txt.shape[2] else None)
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str) -> None:
