@@ -8,6 +8,14 @@ import sys
 from .errors import UsageError
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: a bad option value is one line (what was wrong, where the help is), as
+    for the errors the commands raise themselves, not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import bench, info, train_router
 
@@ -18,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `ditaccel <command> --help` for the options of a command.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_CommandParser)
     info.add_parser(sub)
     bench.add_parser(sub)
     train_router.add_parser(sub)
